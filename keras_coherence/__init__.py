@@ -1,0 +1,16 @@
+"""keras-coherence: see and steer how gradient descent generalizes, and ship the result
+to fixed-point and binary edge hardware.
+
+Importing the package makes ``tf.keras`` resolve to Keras 2 (``tf_keras``); use
+``keras_coherence.keras`` to get that module.
+"""
+from keras_coherence._keras import keras, tf  # noqa: F401  (sets the Keras 2 policy first)
+
+__version__ = "0.1.0"
+
+from keras_coherence import data  # noqa: E402,F401
+from keras_coherence import coherence  # noqa: E402,F401
+from keras_coherence import callbacks  # noqa: E402,F401
+from keras_coherence.coherence import gradient_stats, CoherenceStats  # noqa: E402,F401
+
+__all__ = ["keras", "data", "coherence", "callbacks", "gradient_stats", "CoherenceStats"]

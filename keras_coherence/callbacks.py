@@ -1,0 +1,118 @@
+"""Keras callbacks: :class:`CoherenceMonitor` logs gradient coherence of a fixed probe
+sample during any ``model.fit``, without changing the model."""
+from __future__ import annotations
+
+import csv
+import os
+from typing import Dict, List, Optional
+
+from keras_coherence._keras import keras, tf
+from keras_coherence.coherence.stats import gradient_stats
+
+
+class CoherenceMonitor(keras.callbacks.Callback):
+    """Measures m-coherence and alpha of a fixed probe sample while a model trains.
+
+    Per-example gradients are taken on the probe sample (never on mini-batches, which
+    inflate coherence) with the per-layer rules of :func:`gradient_stats`.
+
+    Args:
+      x, y, sample_weight: the fixed probe sample.
+      every_n_steps: measure every N training steps (and at the start); ``None``
+        measures at the start and at the end of every epoch.
+      per_layer: also log each layer's m-coherence (``m_coherence/<layer>``).
+      batchnorm: ``"inference"`` (default) or ``"batch"``, see :func:`gradient_stats`.
+      batch_size: micro-batch size of the probe pass.
+      csv_path: append one row per measurement to this CSV file.
+      log_dir: write TensorBoard scalars here (``tf.summary``), at the global step.
+      prefix: prefix of the keys written to the epoch logs / History.
+
+    After training, ``monitor.history`` is a list of dicts
+    ``{"step", "epoch", "m_coherence", "alpha", ...}``; the last measurement of each
+    epoch also lands in the epoch logs, hence in ``model.fit(...).history``.
+
+    Example:
+      >>> import numpy as np, keras_coherence as kc
+      >>> model = kc.keras.Sequential([kc.keras.layers.Dense(3, input_shape=(4,))])
+      >>> model.compile("sgd", kc.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+      >>> x, y = np.random.rand(16, 4), np.random.randint(0, 3, 16)
+      >>> monitor = kc.callbacks.CoherenceMonitor(x, y)
+      >>> h = model.fit(x, y, epochs=2, callbacks=[monitor], verbose=0)
+      >>> len(h.history["m_coherence"]), len(monitor.history)
+      (2, 3)
+    """
+
+    def __init__(self, x, y, sample_weight=None, *, every_n_steps: Optional[int] = None,
+                 per_layer: bool = True, batchnorm: str = "inference", batch_size: int = 256,
+                 csv_path: Optional[str] = None, log_dir: Optional[str] = None, prefix: str = ""):
+        super().__init__()
+        if every_n_steps is not None and every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be a positive integer or None, got {every_n_steps}.")
+        self.x, self.y, self.sample_weight = x, y, sample_weight
+        self.every_n_steps = every_n_steps
+        self.per_layer = per_layer
+        self.batchnorm = batchnorm
+        self.batch_size = batch_size
+        self.csv_path = csv_path
+        self.log_dir = log_dir
+        self.prefix = prefix
+        self.history: List[Dict[str, float]] = []
+        self._step = 0
+        self._epoch = 0
+        self._writer = None
+        self._csv_fields = None
+
+    def measure(self) -> Dict[str, float]:
+        """Measure now and record the result."""
+        stats = gradient_stats(self.model, self.x, self.y, self.sample_weight,
+                               batch_size=self.batch_size, batchnorm=self.batchnorm)
+        row = {"step": self._step, "epoch": self._epoch, "m": stats.m,
+               **stats.as_dict(per_layer=self.per_layer)}
+        self.history.append(row)
+        self._write(row)
+        return row
+
+    def _write(self, row):
+        if self.csv_path:
+            new = not os.path.exists(self.csv_path) or self._csv_fields is None
+            if self._csv_fields is None:
+                self._csv_fields = list(row)
+            with open(self.csv_path, "w" if new else "a", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=self._csv_fields, extrasaction="ignore")
+                if new:
+                    writer.writeheader()
+                writer.writerow(row)
+        if self.log_dir:
+            if self._writer is None:
+                self._writer = tf.summary.create_file_writer(self.log_dir)
+            with self._writer.as_default():
+                for key, value in row.items():
+                    if key not in ("step", "epoch", "m"):
+                        tf.summary.scalar(key, value, step=self._step)
+            self._writer.flush()
+
+    def on_train_begin(self, logs=None):
+        self.measure()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._step += 1
+        if self.every_n_steps is not None and self._step % self.every_n_steps == 0:
+            self.measure()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._epoch = epoch + 1
+        if self.every_n_steps is None or not self.history or self.history[-1]["step"] != self._step:
+            if self.every_n_steps is None:
+                self.measure()
+        if logs is not None and self.history:
+            for key, value in self.history[-1].items():
+                if key not in ("step", "epoch", "m"):
+                    logs[self.prefix + key] = value
+
+    def on_train_end(self, logs=None):
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None

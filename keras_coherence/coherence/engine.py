@@ -1,0 +1,158 @@
+"""One backward pass that yields the batch gradient *and* every example's squared
+gradient norm, per layer -- the core shared by gradient statistics, the coherence
+``train_step`` and the robust aggregators."""
+from __future__ import annotations
+
+import collections
+import copy
+import dataclasses
+from typing import Callable, Dict, List, Optional
+
+from keras_coherence._keras import keras, tf
+from keras_coherence.coherence.registry import var_key
+from keras_coherence.coherence.rules.fallback import FALLBACK
+from keras_coherence.coherence.tracing import TracedForward
+
+
+@dataclasses.dataclass
+class BackwardResult:
+    """``grads``: var_key -> batch-summed gradient of the objective (data part);
+    ``layer_sq``: layer name -> per-example squared gradient norms ``[B]``;
+    ``layer_vars``: layer name -> var keys of the layer's trainable weights;
+    ``fallback_grads``: var_key -> tape gradient, for the fallback consistency check."""
+
+    y_pred: object
+    grads: Dict[int, object]
+    layer_sq: Dict[str, tf.Tensor]
+    layer_vars: Dict[str, List[int]]
+    fallback_grads: Dict[int, object]
+    fallback_layers: Dict[str, List[int]]
+
+
+def traced_backward(model, x, objective: Callable, mode: str, tape_extra=None) -> BackwardResult:
+    """Run ``model`` on ``x`` with per-layer traces, differentiate ``objective(y_pred)``
+    once, and apply each layer's rule.
+
+    ``objective`` must be a sum (or a fixed multiple of a sum) of per-example terms for
+    the per-example norms to mean per-example gradients.
+    """
+    forward = TracedForward(model, mode)
+    with tf.GradientTape(persistent=tape_extra is not None) as tape:
+        y_pred = forward(x)
+        loss = objective(y_pred)
+        extra = tape_extra() if tape_extra is not None else None
+
+    by_layer = collections.OrderedDict()
+    for trace in forward.traces:
+        by_layer.setdefault(forward.names[id(trace)], []).append(trace)
+
+    fallback_vars = []
+    for traces in by_layer.values():
+        if traces[0].rule is FALLBACK:
+            fallback_vars.extend(traces[0].layer.trainable_weights)
+    owned = {var_key(v) for traces in by_layer.values() for v in traces[0].layer.trainable_weights}
+    orphans = [v for v in model.trainable_variables if var_key(v) not in owned]
+
+    watched = [t for trace in forward.traces for t in trace.watched]
+    sources = watched + fallback_vars + orphans
+    all_grads = tape.gradient(loss, sources, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    cotangents = all_grads[: len(watched)]
+    tape_fallback = all_grads[len(watched): len(watched) + len(fallback_vars)]
+    for v, g in zip(orphans, all_grads[len(watched) + len(fallback_vars):]):
+        if g is not None and not _statically_zero(g):
+            raise ValueError(
+                f"Variable {v.name!r} is trainable but not owned by any layer of the model's "
+                "graph, so its per-example gradients cannot be attributed; create it inside a "
+                "layer (e.g. a custom Layer with add_weight)."
+            )
+
+    grads, layer_sq, layer_vars, fallback_layers = {}, collections.OrderedDict(), {}, {}
+    pos = 0
+    cot_by_trace = {}
+    for trace in forward.traces:
+        cot_by_trace[id(trace)] = cotangents[pos: pos + len(trace.watched)]
+        pos += len(trace.watched)
+    for name, traces in by_layer.items():
+        layer = traces[0].layer
+        keys = [var_key(v) for v in layer.trainable_weights]
+        layer_vars[name] = keys
+        if len(traces) == 1:
+            result = traces[0].rule.backward(traces[0], cot_by_trace[id(traces[0])])
+            grads.update(result.sum_grads)
+            layer_sq[name] = result.sq_norms
+        else:  # shared layer: per-example gradients of every call, summed, then the norm
+            per_call = [FALLBACK.per_example_grads(t, cot_by_trace[id(t)]) for t in traces]
+            summed = [tf.add_n(list(gs)) for gs in zip(*per_call)]
+            for key, g in zip(keys, summed):
+                grads[key] = tf.reduce_sum(g, 0)
+            layer_sq[name] = tf.add_n([tf.reduce_sum(tf.square(tf.reshape(g, [tf.shape(g)[0], -1])), 1)
+                                       for g in summed])
+        if traces[0].rule is FALLBACK:
+            fallback_layers[name] = keys
+    fallback = {var_key(v): g for v, g in zip(fallback_vars, tape_fallback)}
+    result = BackwardResult(y_pred, grads, layer_sq, layer_vars, fallback, fallback_layers)
+    result.tape, result.extra = (tape, extra) if tape_extra is not None else (None, None)
+    return result
+
+
+def _statically_zero(g):
+    value = tf.get_static_value(g)
+    return value is not None and not value.any()
+
+
+# ----------------------------------------------------------------------------- losses
+
+def _unreduced(loss):
+    """A Keras loss object that returns one value per example (reduction NONE)."""
+    obj = keras.losses.get(loss)
+    if isinstance(obj, keras.losses.Loss):
+        obj = copy.copy(obj)
+        obj.reduction = keras.losses.Reduction.NONE
+        return obj
+    if callable(obj):
+        return keras.losses.LossFunctionWrapper(obj, reduction=keras.losses.Reduction.NONE)
+    raise ValueError(f"Cannot use {loss!r} as a loss.")
+
+
+def per_example_loss_fn(model):
+    """``fn(y_true, y_pred, sample_weight) -> [B]``: the model's compiled loss for each
+    example (losses over extra axes are averaged, as Keras does; output losses are
+    combined with the compiled ``loss_weights``; the sample weight multiplies)."""
+    loss = getattr(model, "loss", None)
+    if loss is None:
+        raise ValueError(
+            f"Model {model.name!r} has no loss: call model.compile(loss=...) first "
+            "(gradient statistics use the compiled loss, reduced per example)."
+        )
+    n_out = len(model.outputs) if getattr(model, "outputs", None) else 1
+    names = getattr(model, "output_names", None) or [None] * n_out
+    if isinstance(loss, dict):
+        losses = [loss.get(n) for n in names]
+    elif isinstance(loss, (list, tuple)):
+        losses = list(loss)
+    else:
+        losses = [loss] * n_out
+    weights = getattr(getattr(model, "compiled_loss", None), "_user_loss_weights", None)
+    if weights is None:
+        weights = [1.0] * n_out
+    elif isinstance(weights, dict):
+        weights = [weights.get(n, 1.0) for n in names]
+    fns = [None if l is None else _unreduced(l) for l in losses]
+
+    def fn(y_true, y_pred, sample_weight=None):
+        y_true_flat = tf.nest.flatten(y_true) if n_out > 1 else [y_true]
+        y_pred_flat = tf.nest.flatten(y_pred) if n_out > 1 else [y_pred]
+        total = None
+        for f, w, yt, yp in zip(fns, weights, y_true_flat, y_pred_flat):
+            if f is None:
+                continue
+            values = f(yt, yp)
+            if values.shape.rank and values.shape.rank > 1:
+                values = tf.reduce_mean(values, axis=list(range(1, values.shape.rank)))
+            values = tf.cast(values, "float32") * w
+            total = values if total is None else total + values
+        if sample_weight is not None:
+            total = total * tf.reshape(tf.cast(sample_weight, total.dtype), [-1])
+        return total
+
+    return fn

@@ -1,0 +1,2 @@
+"""Per-layer rules; importing this package registers them all."""
+from keras_coherence.coherence.rules import dense, conv, normalization, embedding  # noqa: F401

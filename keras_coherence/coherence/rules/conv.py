@@ -1,0 +1,218 @@
+"""Convolutions: per-example kernel gradients from input patches.
+
+The per-example kernel gradient of a convolution is ``patches_i^T dz_i``. The rule
+builds the patches from ``kh * kw`` strided slices of the (explicitly padded) input
+(much cheaper than ``tf.image.extract_patches``), forms every example's kernel
+gradient in one batched matmul, and takes the batch sum of those as the kernel
+gradient -- so the usual filter backprop is not paid for twice.
+"""
+from keras_coherence._keras import keras, tf
+from keras_coherence.coherence.registry import (
+    LayerGrads, LayerRule, NotSupported, Trace, apply_activation, reduce_sq, register,
+    var_key,
+)
+from keras_coherence.coherence.rules import _quantized
+
+_CONV = [keras.layers.Conv1D, keras.layers.Conv2D]
+_DEPTHWISE = [keras.layers.DepthwiseConv2D]
+try:
+    import larq as lq
+
+    _CONV += [lq.layers.QuantConv1D, lq.layers.QuantConv2D]
+    _DEPTHWISE += [lq.layers.QuantDepthwiseConv2D]
+except ImportError:  # pragma: no cover
+    pass
+
+
+def _same_pads(size, kernel, stride, dilation):
+    """TensorFlow's SAME padding (before, after) for one spatial axis."""
+    out = (size + stride - 1) // stride
+    total = tf.maximum((out - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+def _pad_input(layer, x, kernel_size, strides, dilations):
+    """Explicitly pad a ``[B, H, W, C]`` input so that a VALID convolution reproduces
+    the layer's padding (``same``, ``causal`` for Conv1D, larq ``pad_values``)."""
+    padding = layer.padding
+    if padding == "valid":
+        return x
+    if padding == "causal":  # Conv1D only, in the 2-D view the W axis
+        return tf.pad(x, [[0, 0], [0, 0], [(kernel_size[1] - 1) * dilations[1], 0], [0, 0]])
+    shape = tf.shape(x)
+    pads = [[0, 0]]
+    for axis in range(2):
+        size = x.shape[axis + 1] if x.shape[axis + 1] is not None else shape[axis + 1]
+        pads.append(list(_same_pads(size, kernel_size[axis], strides[axis], dilations[axis])))
+    pads.append([0, 0])
+    return tf.pad(x, pads, constant_values=getattr(layer, "pad_values", 0.0))
+
+
+def _patches(xp, out_hw, kernel_size, strides, dilations):
+    """``[B, Ho*Wo, kh*kw*C]`` patches of the padded input, in HWIO kernel order."""
+    ho, wo = out_hw
+    slices = []
+    for i in range(kernel_size[0]):
+        for j in range(kernel_size[1]):
+            h0, w0 = i * dilations[0], j * dilations[1]
+            slices.append(
+                xp[:, h0: h0 + (ho - 1) * strides[0] + 1: strides[0],
+                   w0: w0 + (wo - 1) * strides[1] + 1: strides[1], :]
+            )
+    patches = tf.concat(slices, axis=-1) if len(slices) > 1 else slices[0]
+    return tf.reshape(patches, [tf.shape(xp)[0], -1, patches.shape[-1]])
+
+
+def _spatial_2d(layer):
+    """Kernel size, strides and dilations in the 2-D view (Conv1D gets H = 1)."""
+    if layer.rank == 1:
+        return (1,) + tuple(layer.kernel_size), (1,) + tuple(layer.strides), (1,) + tuple(layer.dilation_rate)
+    return tuple(layer.kernel_size), tuple(layer.strides), tuple(layer.dilation_rate)
+
+
+def _check_common(layer):
+    if getattr(layer, "data_format", "channels_last") != "channels_last":
+        raise NotSupported("data_format='channels_first'")
+    if layer.activity_regularizer is not None:
+        raise NotSupported("activity_regularizer is set")
+    if getattr(layer, "groups", 1) != 1:
+        raise NotSupported("groups != 1")
+    if getattr(layer, "rank", 2) not in (1, 2):
+        raise NotSupported("only 1-D and 2-D convolutions have a rule")
+
+
+def _out_hw(t):
+    shape = tf.shape(t)
+    return [t.shape[i] if t.shape[i] is not None else shape[i] for i in (1, 2)]
+
+
+def _with_bias(layer, sq, grads, dz):
+    """Add the bias gradient: the per-example sum of dz over positions."""
+    if layer.use_bias:
+        db = tf.reduce_sum(tf.reshape(dz, [tf.shape(dz)[0], -1, dz.shape[-1]]), 1)
+        grads[var_key(layer.bias)] = tf.reduce_sum(db, 0)
+        sq = sq + tf.reduce_sum(tf.square(db), 1)
+    return LayerGrads(grads, sq)
+
+
+@register
+class ConvRule(LayerRule):
+    layer_types = tuple(_CONV)
+
+    def check(self, layer):
+        _check_common(layer)
+        _quantized.check_quantizer(layer, "kernel_quantizer")
+
+    def forward(self, layer, args, kwargs, mode):
+        x = tf.cast(args[0], layer.compute_dtype)
+        a = _quantized.quantize_input(layer, x)
+        if layer.rank == 1:
+            a = a[:, None]
+        kernel, ste = _quantized.read_kernel(layer)
+        if layer.rank == 1:
+            kernel = kernel[None]
+            ste = None if ste is None else ste[None]
+        ks, st, dl = _spatial_2d(layer)
+        xp = _pad_input(layer, a, ks, st, dl)
+        z = tf.nn.conv2d(xp, kernel, strides=[1, *st, 1], padding="VALID", dilations=[1, *dl, 1])
+        if layer.use_bias:
+            z = tf.nn.bias_add(z, layer.bias)
+        out = z[:, 0] if layer.rank == 1 else z
+        return apply_activation(layer, out), Trace(layer, self, [z], {"xp": xp, "ste": ste})
+
+    def backward(self, trace, cotangents):
+        layer, xp, ste = trace.layer, trace.context["xp"], trace.context["ste"]
+        dz = cotangents[0]
+        ks, st, dl = _spatial_2d(layer)
+        patches = _patches(xp, _out_hw(dz), ks, st, dl)
+        dz_flat = tf.reshape(dz, [tf.shape(dz)[0], -1, dz.shape[-1]])
+        per_example = tf.matmul(patches, dz_flat, transpose_a=True)  # [B, kh*kw*C, F]
+        kernel_shape = [ks[0], ks[1], xp.shape[-1], dz.shape[-1]]
+        if ste is not None:
+            per_example = per_example * tf.reshape(ste, [1, -1, dz.shape[-1]])
+        kernel_sum = tf.reshape(tf.reduce_sum(per_example, 0), kernel_shape)
+        if layer.rank == 1:
+            kernel_sum = kernel_sum[0]
+        grads = {var_key(layer.kernel): kernel_sum}
+        return _with_bias(layer, reduce_sq(per_example), grads, dz)
+
+
+def _depthwise_per_example(xp, du, ks, st, dl, multiplier):
+    """Per-example depthwise kernel gradients ``[B, kh, kw, C, M]``."""
+    ho_wo = _out_hw(du)
+    channels = xp.shape[-1]
+    du4 = tf.reshape(du, [tf.shape(du)[0], -1, channels, multiplier])
+    grads = []
+    for i in range(ks[0]):
+        for j in range(ks[1]):
+            h0, w0 = i * dl[0], j * dl[1]
+            sl = xp[:, h0: h0 + (ho_wo[0] - 1) * st[0] + 1: st[0],
+                    w0: w0 + (ho_wo[1] - 1) * st[1] + 1: st[1], :]
+            sl = tf.reshape(sl, [tf.shape(xp)[0], -1, channels])
+            grads.append(tf.einsum("blc,blcm->bcm", sl, du4))
+    stacked = tf.stack(grads, axis=1)
+    return tf.reshape(stacked, [tf.shape(xp)[0], ks[0], ks[1], channels, multiplier])
+
+
+@register
+class DepthwiseConvRule(LayerRule):
+    layer_types = tuple(_DEPTHWISE)
+
+    def check(self, layer):
+        _check_common(layer)
+        _quantized.check_quantizer(layer, "depthwise_quantizer")
+
+    def forward(self, layer, args, kwargs, mode):
+        x = tf.cast(args[0], layer.compute_dtype)
+        a = _quantized.quantize_input(layer, x)
+        kernel, ste = _quantized.read_kernel(layer, "depthwise_kernel", "depthwise_quantizer")
+        ks, st, dl = _spatial_2d(layer)
+        xp = _pad_input(layer, a, ks, st, dl)
+        z = tf.nn.depthwise_conv2d(xp, kernel, strides=[1, *st, 1], padding="VALID", dilations=dl)
+        if layer.use_bias:
+            z = tf.nn.bias_add(z, layer.bias)
+        return apply_activation(layer, z), Trace(layer, self, [z], {"xp": xp, "ste": ste})
+
+    def backward(self, trace, cotangents):
+        layer, xp, ste = trace.layer, trace.context["xp"], trace.context["ste"]
+        dz = cotangents[0]
+        ks, st, dl = _spatial_2d(layer)
+        per_example = _depthwise_per_example(xp, dz, ks, st, dl, layer.depth_multiplier)
+        if ste is not None:
+            per_example = per_example * ste
+        grads = {var_key(layer.depthwise_kernel): tf.reduce_sum(per_example, 0)}
+        return _with_bias(layer, reduce_sq(per_example), grads, dz)
+
+
+@register
+class SeparableConvRule(LayerRule):
+    layer_types = (keras.layers.SeparableConv2D,)
+
+    def check(self, layer):
+        _check_common(layer)
+
+    def forward(self, layer, args, kwargs, mode):
+        x = tf.cast(args[0], layer.compute_dtype)
+        ks, st, dl = _spatial_2d(layer)
+        xp = _pad_input(layer, x, ks, st, dl)
+        u = tf.nn.depthwise_conv2d(xp, layer.depthwise_kernel, strides=[1, *st, 1],
+                                   padding="VALID", dilations=dl)
+        z = tf.nn.conv2d(u, layer.pointwise_kernel, strides=1, padding="VALID")
+        if layer.use_bias:
+            z = tf.nn.bias_add(z, layer.bias)
+        return apply_activation(layer, z), Trace(layer, self, [u, z], {"xp": xp, "u": u})
+
+    def backward(self, trace, cotangents):
+        layer, xp, u = trace.layer, trace.context["xp"], trace.context["u"]
+        du, dz = cotangents
+        ks, st, dl = _spatial_2d(layer)
+        depthwise = _depthwise_per_example(xp, du, ks, st, dl, layer.depth_multiplier)
+        batch = tf.shape(u)[0]
+        pointwise = tf.matmul(tf.reshape(u, [batch, -1, u.shape[-1]]),
+                              tf.reshape(dz, [batch, -1, dz.shape[-1]]), transpose_a=True)
+        grads = {
+            var_key(layer.depthwise_kernel): tf.reduce_sum(depthwise, 0),
+            var_key(layer.pointwise_kernel): tf.reshape(tf.reduce_sum(pointwise, 0),
+                                                        layer.pointwise_kernel.shape),
+        }
+        return _with_bias(layer, reduce_sq(depthwise) + reduce_sq(pointwise), grads, dz)

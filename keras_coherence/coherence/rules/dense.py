@@ -1,0 +1,77 @@
+"""Dense (and larq QuantDense): ghost norm ``||a_i||^2 ||dz_i||^2`` for 2-D inputs."""
+from keras_coherence._keras import keras, tf
+from keras_coherence.coherence.registry import (
+    LayerGrads, LayerRule, NotSupported, Trace, apply_activation, reduce_sq, register,
+    var_key,
+)
+from keras_coherence.coherence.rules import _quantized
+
+_TYPES = [keras.layers.Dense]
+try:
+    import larq as lq
+
+    _TYPES.append(lq.layers.QuantDense)
+except ImportError:  # pragma: no cover
+    pass
+
+
+@register
+class DenseRule(LayerRule):
+    layer_types = tuple(_TYPES)
+
+    def check(self, layer):
+        if layer.activity_regularizer is not None:
+            raise NotSupported("activity_regularizer is set")
+        _quantized.check_quantizer(layer, "kernel_quantizer")
+
+    def forward(self, layer, args, kwargs, mode):
+        x = tf.cast(args[0], layer.compute_dtype)
+        a = _quantized.quantize_input(layer, x)
+        kernel, ste = _quantized.read_kernel(layer)
+        if a.shape.rank == 2:
+            z = tf.matmul(a, kernel)
+        else:
+            z = tf.tensordot(a, kernel, [[a.shape.rank - 1], [0]])
+        if layer.use_bias:
+            z = tf.nn.bias_add(z, layer.bias)
+        return apply_activation(layer, z), Trace(layer, self, [z], {"a": a, "ste": ste})
+
+    def backward(self, trace, cotangents):
+        layer = trace.layer
+        a, ste = trace.context["a"], trace.context["ste"]
+        dz = cotangents[0]
+        if a.shape.rank == 2:
+            kernel_sum = tf.matmul(a, dz, transpose_a=True)
+            if ste is None:
+                sq = tf.reduce_sum(tf.square(a), 1) * tf.reduce_sum(tf.square(dz), 1)
+            else:  # ||(a_i outer dz_i) * D||^2 = (a_i^2)^T D^2 (dz_i^2)
+                sq = tf.reduce_sum(tf.matmul(tf.square(a), tf.square(ste)) * tf.square(dz), 1)
+            bias_sum, bias_sq = tf.reduce_sum(dz, 0), tf.reduce_sum(tf.square(dz), 1)
+        else:  # [batch, ..., in]: per-example kernel gradient is a sum over positions
+            batch = tf.shape(a)[0]
+            a3 = tf.reshape(a, [batch, -1, a.shape[-1]])
+            dz3 = tf.reshape(dz, [batch, -1, dz.shape[-1]])
+            positions, n_in, n_out = a3.shape[1], a3.shape[2], dz3.shape[2]
+            if ste is None and positions is not None and positions * positions * (n_in + n_out) < n_in * n_out:
+                gram = tf.matmul(a3, a3, transpose_b=True) * tf.matmul(dz3, dz3, transpose_b=True)
+                sq = tf.reduce_sum(gram, [1, 2])
+                kernel_sum = tf.matmul(tf.reshape(a3, [-1, n_in]), tf.reshape(dz3, [-1, n_out]),
+                                       transpose_a=True)
+            else:
+                per_example = tf.matmul(a3, dz3, transpose_a=True)  # [batch, in, out]
+                if ste is not None:
+                    per_example = per_example * ste
+                    kernel_sum = tf.reduce_sum(per_example, 0)
+                    ste = None
+                else:
+                    kernel_sum = tf.reduce_sum(per_example, 0)
+                sq = reduce_sq(per_example)
+            db = tf.reduce_sum(dz3, 1)
+            bias_sum, bias_sq = tf.reduce_sum(db, 0), reduce_sq(db)
+        if ste is not None:
+            kernel_sum = kernel_sum * ste
+        grads = {var_key(layer.kernel): kernel_sum}
+        if layer.use_bias:
+            grads[var_key(layer.bias)] = bias_sum
+            sq = sq + bias_sq
+        return LayerGrads(grads, sq)

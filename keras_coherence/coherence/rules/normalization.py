@@ -1,0 +1,109 @@
+"""BatchNormalization and LayerNormalization: per-example gradients of the affine
+parameters, ``dgamma_i = sum(dz_i * xhat_i)`` and ``dbeta_i = sum(dz_i)`` over the
+non-channel axes.
+
+BatchNormalization has three modes (``mode`` argument of the engine):
+
+* ``"inference"`` (default for measurement): moving statistics, so every example's
+  gradient is its own -- the per-example gradient of a fixed function.
+* ``"batch"``: statistics of the batch being measured (moving statistics untouched).
+  Examples then interact through the statistics; what is reported is each example's
+  *contribution* to the batch gradient (these sum exactly to it).
+* ``"train"``: as ``"batch"`` but the layer also updates its moving statistics (the
+  forward pass of a training step).
+"""
+from keras_coherence._keras import keras, tf
+from keras_coherence.coherence.registry import (
+    LayerGrads, LayerRule, NotSupported, Trace, register, var_key,
+)
+
+
+def _axes(layer, rank):
+    axis = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
+    return sorted(a % rank for a in axis)
+
+
+def _broadcast(v, channel_axes, rank, x_shape):
+    shape = [1] * rank
+    for a in channel_axes:
+        shape[a] = x_shape[a]
+    return tf.reshape(v, shape)
+
+
+def _affine_grads(layer, dz, xhat, channel_axes):
+    rank = dz.shape.rank
+    reduce_axes = [a for a in range(1, rank) if a not in channel_axes]
+    grads, sq = {}, tf.zeros([tf.shape(dz)[0]], dz.dtype)
+    param_shape = [dz.shape[a] for a in channel_axes]
+    for var, per_example in (
+        (getattr(layer, "gamma", None), dz * xhat),
+        (getattr(layer, "beta", None), dz),
+    ):
+        if var is None:
+            continue
+        per_example = tf.reduce_sum(per_example, reduce_axes) if reduce_axes else per_example
+        per_example = tf.reshape(per_example, [-1] + param_shape)
+        grads[var_key(var)] = tf.reshape(tf.reduce_sum(per_example, 0), var.shape)
+        sq = sq + tf.reduce_sum(tf.square(tf.reshape(per_example, [tf.shape(dz)[0], -1])), 1)
+    return LayerGrads(grads, sq)
+
+
+@register
+class BatchNormRule(LayerRule):
+    layer_types = (keras.layers.BatchNormalization,)
+
+    def check(self, layer):
+        if layer.renorm:
+            raise NotSupported("renorm=True")
+        if layer.virtual_batch_size is not None:
+            raise NotSupported("virtual_batch_size is set")
+        if layer.adjustment is not None:
+            raise NotSupported("adjustment is set")
+        if getattr(layer, "synchronized", False):
+            raise NotSupported("synchronized=True")
+
+    def forward(self, layer, args, kwargs, mode):
+        x = tf.cast(args[0], layer.compute_dtype)
+        rank = x.shape.rank
+        channel_axes = _axes(layer, rank)
+        stat_axes = [a for a in range(rank) if a not in channel_axes]
+        x_shape = tf.shape(x)
+        gamma = getattr(layer, "gamma", None)
+        beta = getattr(layer, "beta", None)
+        if mode == "inference":
+            y = layer(x, training=False)
+            mean = _broadcast(layer.moving_mean, channel_axes, rank, x_shape)
+            var = _broadcast(layer.moving_variance, channel_axes, rank, x_shape)
+            xhat = (x - mean) * tf.math.rsqrt(var + layer.epsilon)
+        else:
+            mean, var = tf.nn.moments(x, stat_axes, keepdims=True)
+            xhat = (x - mean) * tf.math.rsqrt(var + layer.epsilon)
+            if mode == "train":
+                y = layer(x, training=True)  # real layer: moving statistics get updated
+            else:
+                y = xhat
+                if gamma is not None:
+                    y = y * _broadcast(gamma, channel_axes, rank, x_shape)
+                if beta is not None:
+                    y = y + _broadcast(beta, channel_axes, rank, x_shape)
+            xhat = tf.stop_gradient(xhat)
+        return y, Trace(layer, self, [y], {"xhat": xhat, "axes": channel_axes})
+
+    def backward(self, trace, cotangents):
+        return _affine_grads(trace.layer, cotangents[0], trace.context["xhat"], trace.context["axes"])
+
+
+@register
+class LayerNormRule(LayerRule):
+    layer_types = (keras.layers.LayerNormalization,)
+
+    def forward(self, layer, args, kwargs, mode):
+        x = tf.cast(args[0], layer.compute_dtype)
+        channel_axes = _axes(layer, x.shape.rank)
+        y = layer(x)
+        mean, var = tf.nn.moments(x, channel_axes, keepdims=True)
+        xhat = tf.stop_gradient((x - mean) * tf.math.rsqrt(var + layer.epsilon))
+        return y, Trace(layer, self, [y], {"xhat": xhat, "axes": channel_axes})
+
+    def backward(self, trace, cotangents):
+        return _affine_grads(trace.layer, cotangents[0], trace.context["xhat"], trace.context["axes"])

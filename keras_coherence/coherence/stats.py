@@ -1,0 +1,223 @@
+"""Gradient coherence statistics of a fixed sample: m-coherence, alpha, per layer.
+
+Definitions (Chatterjee & Zielinski, "Making Coherence Out of Nothing at All";
+"On the Generalization Mystery in Deep Learning"), for per-example gradients
+``g_1..g_m`` of the (sample-weighted) per-example losses:
+
+* ``m_coherence = ||sum_i g_i||^2 / sum_i ||g_i||^2`` -- between 0 and m; 1 for
+  pairwise-orthogonal gradients, m for identical ones;
+* ``alpha = m_coherence / m`` and the orthogonal baseline ``alpha_perp = 1 / m``;
+* ``diversity = 1 / m_coherence`` (gradient diversity, Yin et al. 2018);
+* per layer the same with the layer's parameters, plus the energy fraction
+  ``f_l = sum_i ||g_i,l||^2 / sum_i ||g_i||^2``, so that ``alpha = sum_l f_l alpha_l``.
+
+Regularization losses are not per-example and are left out.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import weakref
+from typing import Dict, Optional
+
+import numpy as np
+
+from keras_coherence._keras import keras, tf
+from keras_coherence.coherence.engine import per_example_loss_fn, traced_backward
+from keras_coherence.coherence.registry import var_key
+
+BATCHNORM_MODES = ("inference", "batch")
+_FALLBACK_RTOL = 1e-3
+
+
+@dataclasses.dataclass
+class LayerStats:
+    m_coherence: float
+    alpha: float
+    energy_fraction: float
+    sum_grad_sq_norm: float
+    sum_sq_norms: float
+
+
+@dataclasses.dataclass
+class CoherenceStats:
+    """Whole-model statistics and a per-layer mapping ``layers`` (name -> LayerStats)."""
+
+    m: int
+    sum_grad_sq_norm: float  # ||sum_i g_i||^2
+    sum_sq_norms: float  # sum_i ||g_i||^2
+    m_coherence: float
+    alpha: float
+    alpha_perp: float
+    diversity: float
+    layers: Dict[str, LayerStats]
+
+    def as_dict(self, prefix: str = "", per_layer: bool = True) -> Dict[str, float]:
+        """Flat ``{name: value}`` for logs, CSV and TensorBoard."""
+        out = {f"{prefix}m_coherence": self.m_coherence, f"{prefix}alpha": self.alpha}
+        if per_layer:
+            for name, layer in self.layers.items():
+                out[f"{prefix}m_coherence/{name}"] = layer.m_coherence
+        return out
+
+
+def _stats_from_sums(m, layer_s, layer_q) -> CoherenceStats:
+    total_s, total_q = sum(layer_s.values()), sum(layer_q.values())
+    if not math.isfinite(total_s) or not math.isfinite(total_q):
+        raise FloatingPointError(
+            "Non-finite gradients while computing gradient statistics: check the inputs "
+            "for NaN/inf and the loss (e.g. log of 0 with from_logits=False)."
+        )
+    if total_q <= 0.0:
+        raise ValueError(
+            "Every per-example gradient is zero on this sample (loss already flat), so "
+            "m-coherence is undefined."
+        )
+    layers = {}
+    for name in layer_q:
+        s, q = layer_s[name], layer_q[name]
+        mc = s / q if q > 0 else float("nan")
+        layers[name] = LayerStats(mc, mc / m, q / total_q, s, q)
+    mc = total_s / total_q
+    return CoherenceStats(m, total_s, total_q, mc, mc / m, 1.0 / m, 1.0 / mc if mc > 0 else float("inf"), layers)
+
+
+_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _compiled_step(model, mode):
+    """A cached ``tf.function``: micro-batch -> (per-variable summed gradients,
+    per-layer summed squared norms, fallback check errors)."""
+    per_model = _CACHE.setdefault(model, {})
+    key = (mode, id(model.loss))
+    if key in per_model:
+        return per_model[key]
+    loss_fn = per_example_loss_fn(model)
+    variables = list(model.trainable_variables)
+    layout = {}
+
+    @tf.function(reduce_retracing=True)
+    def step(x, y, sample_weight):
+        result = traced_backward(
+            model, x, lambda y_pred: tf.reduce_sum(loss_fn(y, y_pred, sample_weight)), mode
+        )
+        layout["layer_vars"] = result.layer_vars
+        grads = [result.grads.get(var_key(v)) for v in variables]
+        grads = [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g) for v, g in zip(variables, grads)]
+        sq = {name: tf.reduce_sum(s) for name, s in result.layer_sq.items()}
+        errors = {}
+        for name, keys in result.fallback_layers.items():
+            diff = tf.add_n([tf.reduce_sum(tf.square(tf.convert_to_tensor(result.grads[k]) -
+                                                     tf.convert_to_tensor(result.fallback_grads[k])))
+                             for k in keys])
+            ref = tf.add_n([tf.reduce_sum(tf.square(tf.convert_to_tensor(result.fallback_grads[k])))
+                            for k in keys])
+            errors[name] = tf.sqrt(diff) / (tf.sqrt(ref) + 1e-12)
+        return grads, sq, errors
+
+    per_model[key] = (step, variables, layout)
+    return per_model[key]
+
+
+def _length(data, what):
+    flat = tf.nest.flatten(data)
+    if not flat:
+        raise ValueError(f"{what} is empty.")
+    lengths = {int(np.shape(t)[0]) if np.ndim(t) else None for t in flat}
+    if None in lengths:
+        raise ValueError(f"{what} must have a leading batch axis.")
+    if len(lengths) != 1:
+        raise ValueError(f"The arrays in {what} have different numbers of examples: {sorted(lengths)}.")
+    return lengths.pop()
+
+
+def gradient_stats(
+    model,
+    x,
+    y,
+    sample_weight=None,
+    *,
+    batch_size: int = 256,
+    batchnorm: str = "inference",
+    check_fallback: bool = True,
+) -> CoherenceStats:
+    """Gradient coherence statistics of the sample ``(x, y)`` at the current weights.
+
+    The sample is streamed in micro-batches of ``batch_size`` with memory
+    O(parameters): per micro-batch one backward pass gives the summed gradient and,
+    through the per-layer rules, every example's squared gradient norm.
+
+    Args:
+      model: a built, compiled Keras model (Sequential or Functional for the fast path;
+        any other model takes the exact but slower generic fallback).
+      x, y: the sample (arrays or tensors, or nested structures for multi-input/output).
+      sample_weight: optional per-example weights; example i's gradient is that of
+        ``sample_weight[i] * loss_i``.
+      batch_size: micro-batch size (memory, not results, depends on it).
+      batchnorm: ``"inference"`` (default) -- normalization layers use their moving
+        statistics, so each example's gradient is that of a fixed function; or
+        ``"batch"`` -- statistics of each micro-batch, and what is measured is each
+        example's contribution to the micro-batch gradient.
+      check_fallback: verify on the first micro-batch that fallback layers treat
+        examples independently (raise otherwise).
+
+    Returns:
+      :class:`CoherenceStats`.
+
+    Example:
+      >>> import numpy as np, keras_coherence as kc
+      >>> model = kc.keras.Sequential([kc.keras.layers.Dense(3, input_shape=(4,))])
+      >>> model.compile(loss="mse")
+      >>> x = np.ones((5, 4), "float32"); y = np.zeros((5, 3), "float32")
+      >>> round(kc.gradient_stats(model, x, y).m_coherence, 4)  # identical examples
+      5.0
+    """
+    if batchnorm not in BATCHNORM_MODES:
+        raise ValueError(f"batchnorm must be one of {BATCHNORM_MODES}, got {batchnorm!r}.")
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"model must be a keras (tf_keras) Model, got {type(model).__name__}.")
+    if not model.built:
+        raise ValueError(
+            f"Model {model.name!r} is not built: give it an input shape, or call it once on "
+            "data (or model.build(input_shape)) before measuring gradients."
+        )
+    if not model.trainable_variables:
+        raise ValueError(f"Model {model.name!r} has no trainable variables.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    m = _length(x, "x")
+    if m == 0:
+        raise ValueError("The sample is empty: pass at least one example.")
+    if _length(y, "y") != m:
+        raise ValueError(f"x has {m} examples but y has {_length(y, 'y')}.")
+    if sample_weight is not None and _length(sample_weight, "sample_weight") != m:
+        raise ValueError(f"x has {m} examples but sample_weight has {_length(sample_weight, 'sample_weight')}.")
+
+    step, variables, layout = _compiled_step(model, batchnorm)
+    sums = None
+    layer_q: Dict[str, float] = {}
+    for start in range(0, m, batch_size):
+        sl = slice(start, min(start + batch_size, m))
+        xb = tf.nest.map_structure(lambda t: tf.convert_to_tensor(t[sl]), x)
+        yb = tf.nest.map_structure(lambda t: tf.convert_to_tensor(t[sl]), y)
+        wb = None if sample_weight is None else tf.convert_to_tensor(np.asarray(sample_weight)[sl], "float32")
+        grads, sq, errors = step(xb, yb, wb)
+        if check_fallback and start == 0:
+            for name, err in errors.items():
+                if float(err) > _FALLBACK_RTOL:
+                    raise ValueError(
+                        f"Layer {name!r} has no per-example rule and its per-example gradients do "
+                        f"not add up to its batch gradient (relative error {float(err):.2g}): it "
+                        "mixes examples, so per-example gradients are not defined for it. "
+                        "Register a rule for it, or measure with batchnorm='inference'."
+                    )
+        g64 = [g.numpy().astype(np.float64) for g in grads]
+        sums = g64 if sums is None else [a + b for a, b in zip(sums, g64)]
+        for name, q in sq.items():
+            layer_q[name] = layer_q.get(name, 0.0) + float(q)
+    key_to_index = {var_key(v): i for i, v in enumerate(variables)}
+    layer_s = {
+        name: float(sum(np.sum(np.square(sums[key_to_index[k]])) for k in keys))
+        for name, keys in layout["layer_vars"].items()
+    }
+    return _stats_from_sums(m, layer_s, layer_q)
