@@ -9,6 +9,7 @@ import dataclasses
 from typing import Callable, Dict, List, Optional
 
 from keras_coherence._keras import keras, tf
+from tf_keras.src.losses import LossFunctionWrapper  # not exported by tf_keras.losses
 from keras_coherence.coherence.registry import var_key
 from keras_coherence.coherence.rules.fallback import FALLBACK
 from keras_coherence.coherence.tracing import TracedForward
@@ -110,7 +111,7 @@ def _unreduced(loss):
         obj.reduction = keras.losses.Reduction.NONE
         return obj
     if callable(obj):
-        return keras.losses.LossFunctionWrapper(obj, reduction=keras.losses.Reduction.NONE)
+        return LossFunctionWrapper(obj, reduction=keras.losses.Reduction.NONE)
     raise ValueError(f"Cannot use {loss!r} as a loss.")
 
 

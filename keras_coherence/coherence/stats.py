@@ -88,11 +88,11 @@ _CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 def _compiled_step(model, mode):
     """A cached ``tf.function``: micro-batch -> (per-variable summed gradients,
     per-layer summed squared norms, fallback check errors)."""
+    loss_fn = per_example_loss_fn(model)  # raises a clear error when not compiled
     per_model = _CACHE.setdefault(model, {})
-    key = (mode, id(model.loss))
+    key = (mode, id(getattr(model, "compiled_loss", None)), id(model.loss))
     if key in per_model:
         return per_model[key]
-    loss_fn = per_example_loss_fn(model)
     variables = list(model.trainable_variables)
     layout = {}
 

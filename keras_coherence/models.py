@@ -1,0 +1,135 @@
+"""Small Keras 2 model builders used by the CLI, the examples and the benchmarks.
+
+Every builder returns an **uncompiled Functional** model whose output is the
+**logits** (no softmax): compile it with
+``keras.losses.SparseCategoricalCrossentropy(from_logits=True)``. Functional models
+take the fast per-layer path of :func:`keras_coherence.gradient_stats` and can be
+wrapped by :func:`keras_coherence.coherence.with_coherence`.
+
+* :func:`mlp` -- Flatten, ReLU Dense layers, Dense logits.
+* :func:`small_cnn` -- Conv(32)-Pool-Conv(64)-Pool-Dense(128)-Dense(logits).
+* :func:`build_model` -- one of the above by name (``MODEL_NAMES``).
+
+>>> model = mlp(hidden=(32,))
+>>> model.output_shape, [layer.name for layer in model.layers]
+((None, 10), ['input', 'flatten', 'dense_1', 'logits'])
+>>> build_model("cnn").count_params()
+225034
+"""
+from __future__ import annotations
+
+import difflib
+import numbers
+from typing import Callable, Dict, Sequence, Tuple
+
+from keras_coherence._keras import keras
+
+__all__ = ["MODEL_NAMES", "build_model", "mlp", "small_cnn"]
+
+
+def _check_common(input_shape, num_classes):
+    try:
+        shape = tuple(int(d) for d in input_shape)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"input_shape={input_shape!r} must be a tuple of positive integers, e.g. (28, 28, 1)."
+        ) from None
+    if not shape or any(d < 1 for d in shape):
+        raise ValueError(
+            f"input_shape={input_shape!r} must be a non-empty tuple of positive integers."
+        )
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) \
+            or num_classes < 2:
+        raise ValueError(f"num_classes={num_classes!r} must be an integer >= 2.")
+    return shape, int(num_classes)
+
+
+def mlp(input_shape: Sequence[int] = (28, 28, 1), num_classes: int = 10,
+        hidden: Sequence[int] = (512, 512), name: str = "mlp") -> keras.Model:
+    """A multilayer perceptron: ``Flatten -> [Dense(h, relu) for h in hidden] -> Dense(logits)``.
+
+    Args:
+        input_shape: shape of one example (without the batch axis).
+        num_classes: number of output logits.
+        hidden: widths of the ReLU hidden layers (may be empty: a linear model).
+        name: model name.
+
+    Layers are named ``flatten``, ``dense_1`` .. ``dense_K`` and ``logits``, so
+    per-layer coherence keys read ``m_coherence/dense_1`` etc.
+    """
+    shape, num_classes = _check_common(input_shape, num_classes)
+    widths = tuple(hidden)
+    if any(isinstance(w, bool) or not isinstance(w, numbers.Integral) or w < 1 for w in widths):
+        raise ValueError(f"hidden={hidden!r} must be a sequence of positive integers.")
+    inputs = keras.Input(shape, name="input")
+    h = keras.layers.Flatten(name="flatten")(inputs)
+    for i, width in enumerate(widths, start=1):
+        h = keras.layers.Dense(int(width), activation="relu", name=f"dense_{i}")(h)
+    outputs = keras.layers.Dense(num_classes, name="logits")(h)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def small_cnn(input_shape: Sequence[int] = (28, 28, 1), num_classes: int = 10,
+              name: str = "small_cnn") -> keras.Model:
+    """A small convolutional network for 28x28 (or larger) images.
+
+    ``Conv2D(32, 3, relu) -> MaxPool(2) -> Conv2D(64, 3, relu) -> MaxPool(2) ->
+    Flatten -> Dense(128, relu) -> Dense(num_classes)`` (logits); 225,034 parameters
+    on 28x28x1 inputs with 10 classes. Layers are named ``conv_1``, ``pool_1``,
+    ``conv_2``, ``pool_2``, ``flatten``, ``dense_1``, ``logits``.
+    """
+    shape, num_classes = _check_common(input_shape, num_classes)
+    if len(shape) != 3:
+        raise ValueError(
+            f"small_cnn needs image inputs of shape (height, width, channels), got "
+            f"input_shape={tuple(input_shape)!r}."
+        )
+    if min(shape[0], shape[1]) < 10:
+        raise ValueError(
+            f"small_cnn needs images of at least 10x10 pixels (two 3x3 convs and two "
+            f"2x2 pools), got input_shape={tuple(input_shape)!r}."
+        )
+    inputs = keras.Input(shape, name="input")
+    h = keras.layers.Conv2D(32, 3, activation="relu", name="conv_1")(inputs)
+    h = keras.layers.MaxPooling2D(2, name="pool_1")(h)
+    h = keras.layers.Conv2D(64, 3, activation="relu", name="conv_2")(h)
+    h = keras.layers.MaxPooling2D(2, name="pool_2")(h)
+    h = keras.layers.Flatten(name="flatten")(h)
+    h = keras.layers.Dense(128, activation="relu", name="dense_1")(h)
+    outputs = keras.layers.Dense(num_classes, name="logits")(h)
+    return keras.Model(inputs, outputs, name=name)
+
+
+_BUILDERS: Dict[str, Callable[..., keras.Model]] = {
+    "mlp": mlp,
+    "cnn": small_cnn,
+}
+_ALIASES = {"small_cnn": "cnn"}
+
+#: Names accepted by :func:`build_model`.
+MODEL_NAMES: Tuple[str, ...] = tuple(_BUILDERS)
+
+
+def build_model(name: str, input_shape: Sequence[int] = (28, 28, 1),
+                num_classes: int = 10, **kwargs) -> keras.Model:
+    """Build a model by name: ``"mlp"`` (:func:`mlp`) or ``"cnn"`` (:func:`small_cnn`,
+    alias ``"small_cnn"``). Extra keyword arguments go to the builder (e.g.
+    ``hidden=(256, 256)`` for ``"mlp"``).
+
+    Raises:
+        ValueError: an unknown name (the message lists the known ones).
+
+    >>> build_model("mlp", (8,), 3, hidden=(4,)).output_shape
+    (None, 3)
+    >>> build_model("resnet")
+    Traceback (most recent call last):
+    ...
+    ValueError: Unknown model 'resnet'. Known models: mlp, cnn.
+    """
+    key = name.strip().lower() if isinstance(name, str) else name
+    key = _ALIASES.get(key, key)
+    if key not in _BUILDERS:
+        close = difflib.get_close_matches(str(name), list(_BUILDERS) + list(_ALIASES), n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"Unknown model {name!r}. Known models: {', '.join(MODEL_NAMES)}.{hint}")
+    return _BUILDERS[key](input_shape=input_shape, num_classes=num_classes, **kwargs)
