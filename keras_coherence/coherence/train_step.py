@@ -106,15 +106,22 @@ class CoherenceModel(keras.Model):
         return {**metrics, **logs}
 
     def get_config(self):
-        config = super().get_config()
+        from tf_keras.src.engine import functional
+
+        config = functional.get_network_config(self, config={"name": self.name, "trainable": self.trainable})
         config["coherence_per_layer"] = self.coherence_per_layer
         return config
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
+        from tf_keras.src.engine import functional
+
+        config = dict(config)
         per_layer = config.pop("coherence_per_layer", False)
-        model = super().from_config(config, custom_objects)
-        model.coherence_per_layer = per_layer
+        inputs, outputs, layers = functional.reconstruct_from_config(config, custom_objects)
+        model = cls(inputs=inputs, outputs=outputs, name=config.get("name"),
+                    coherence_per_layer=per_layer)
+        functional.connect_ancillary_layers(model, layers)
         return model
 
 
