@@ -1,0 +1,504 @@
+"""Command-line interface: ``keras-coherence`` / ``python -m keras_coherence``.
+
+Subcommands:
+
+* ``coherence`` -- train a model with SGD while a
+  :class:`~keras_coherence.callbacks.CoherenceMonitor` measures the m-coherence of a
+  fixed probe sample of training examples; writes ``coherence.csv``,
+  ``coherence.png`` and ``summary.json``.
+* ``demo`` -- short versions of the jobs above (what ``make demo`` runs).
+
+Run ``keras-coherence COMMAND --help`` for the options of one subcommand.
+
+Adding a subcommand is one decorated function::
+
+    @subcommand("name", help="one line", arguments=[*TRAINING_ARGS, arg("--x", type=int)])
+    def name_command(args):
+        ...           # args is the parsed argparse.Namespace
+        return 0      # exit status
+
+Raise :class:`UsageError` for problems the user can fix with other arguments: it
+prints one line and exits with status 2. A demo section is one function registered
+with :func:`demo_section`.
+"""
+from __future__ import annotations
+
+import os
+
+# Quiet TensorFlow's C++ logging when nothing imported TensorFlow yet (e.g.
+# ``python -c "from keras_coherence.cli import main"`` in a fresh process). When the
+# package was imported first -- ``python -m keras_coherence`` and the console script
+# always do -- TensorFlow has already read it; main() then silences the one noisy
+# device-initialisation step instead (see _quiet_device_init).
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import platform  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+__all__ = ["UsageError", "arg", "demo_section", "main", "run_coherence", "subcommand"]
+
+PROG = "keras-coherence"
+_AUTO_MEASUREMENTS = 50  # --every-n-steps auto: about this many measurements per run
+
+
+class UsageError(Exception):
+    """A problem with the command-line arguments (printed as one line, exit status 2)."""
+
+
+# --------------------------------------------------------------------------------------
+# Subcommand registry
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Subcommand:
+    name: str
+    help: str
+    description: Optional[str]
+    arguments: Sequence[Tuple[tuple, dict]]
+    run: Callable[[argparse.Namespace], int]
+
+
+_SUBCOMMANDS: Dict[str, _Subcommand] = {}
+
+
+def arg(*flags, **kwargs) -> Tuple[tuple, dict]:
+    """One argument spec for :func:`subcommand`: the arguments of ``add_argument``."""
+    return flags, kwargs
+
+
+def subcommand(name: str, help: str, arguments: Sequence[Tuple[tuple, dict]] = (),
+               description: Optional[str] = None):
+    """Register the decorated function ``run(args) -> exit status`` as a subcommand."""
+    def register(run):
+        if name in _SUBCOMMANDS:
+            raise ValueError(f"subcommand {name!r} is registered twice")
+        _SUBCOMMANDS[name] = _Subcommand(name, help, description or run.__doc__, list(arguments), run)
+        return run
+    return register
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (plus a pointer to --help)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    """The argparse parser with every registered subcommand."""
+    from keras_coherence import __version__
+
+    parser = _Parser(
+        prog=prog,
+        description="Gradient coherence for TensorFlow / Keras 2: measure how aligned "
+                    "per-example gradients are while a network trains.",
+        epilog=f"Run '{prog} COMMAND --help' for the options of a command.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for cmd in _SUBCOMMANDS.values():
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.description,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        for flags, kwargs in cmd.arguments:
+            p.add_argument(*flags, **kwargs)
+        p.set_defaults(_run=cmd.run)
+    return parser
+
+
+# --------------------------------------------------------------------------------------
+# Argument types (errors become one-line usage errors)
+# --------------------------------------------------------------------------------------
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
+    return value
+
+
+def _positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number")
+    return value
+
+
+def _fraction(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} must be a fraction in [0, 1] (e.g. 0.25 for 25% of the labels)")
+    return value
+
+
+def _widths(text):
+    try:
+        values = tuple(int(v) for v in text.replace(" ", "").split(",") if v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} must be comma-separated layer widths, e.g. 512,512") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} must be comma-separated positive layer widths, e.g. 512,512")
+    return values
+
+
+#: Options shared by every subcommand that trains a model.
+TRAINING_ARGS = [
+    arg("--dataset", default="embedded_mnist",
+        help="'embedded_mnist' (offline, 4000 train / 1000 test) or any tensorflow_datasets "
+             "name already prepared under --data-dir"),
+    arg("--data-dir", default=None, help="tensorflow_datasets data directory"),
+    arg("--model", default="mlp", choices=("mlp", "cnn"), help="model architecture"),
+    arg("--hidden", type=_widths, default=None, metavar="W1,W2,..",
+        help="hidden widths of the mlp (default 512,512)"),
+    arg("--epochs", type=_positive_int, default=5, help="training epochs"),
+    arg("--batch-size", type=_positive_int, default=100, help="SGD mini-batch size"),
+    arg("--lr", type=_positive_float, default=0.1, help="SGD learning rate (no momentum)"),
+    arg("--label-noise", type=_fraction, default=0.0, metavar="FRACTION",
+        help="fraction of training labels to corrupt (keras_coherence.data.corrupt_labels)"),
+    arg("--noise-mode", default="uniform", choices=("uniform", "random", "permute"),
+        help="how corrupted labels are drawn (see corrupt_labels)"),
+    arg("--max-train", type=_positive_int, default=None, metavar="N",
+        help="use at most N training examples"),
+    arg("--seed", type=int, default=0, help="seed of weights, shuffling, label noise, probe"),
+    arg("--quiet", action="store_true", help="no progress bar"),
+]
+
+COHERENCE_ARGS = [
+    arg("--probe-size", type=_positive_int, default=512, metavar="M",
+        help="size of the fixed probe sample of training examples (with the training "
+             "labels, noisy ones included) on which m-coherence is measured"),
+    arg("--every-n-steps", type=_positive_int, default=None, metavar="N",
+        help=f"measure every N training steps (default: about {_AUTO_MEASUREMENTS} "
+             "measurements over the run); always also at the start and the end"),
+    arg("--per-layer", action=argparse.BooleanOptionalAction, default=True,
+        help="also measure each layer's m-coherence"),
+    arg("--log-dir", default=None, help="also write TensorBoard scalars here"),
+]
+
+
+# --------------------------------------------------------------------------------------
+# The coherence job
+# --------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _quiet_device_init():
+    """Send native stderr to /dev/null while TensorFlow first enumerates devices.
+
+    On machines without a GPU, TensorFlow 2.21 logs a harmless ``failed call to
+    cuInit`` error there, which ``TF_CPP_MIN_LOG_LEVEL`` can no longer hide once
+    TensorFlow is imported. Skipped when the user set ``TF_CPP_MIN_LOG_LEVEL`` to 0/1.
+    """
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2") in ("0", "1"):
+        yield
+        return
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no real fd 2 (embedded interpreters)
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _load_data(args):
+    """Train/test arrays, num_classes and input shape; bad names -> UsageError."""
+    from keras_coherence import data
+
+    try:
+        x_train, y_train = data.load_dataset(args.dataset, split="train", data_dir=args.data_dir,
+                                             max_examples=args.max_train)
+        x_test, y_test = data.load_dataset(args.dataset, split="test", data_dir=args.data_dir)
+        info = data.dataset_info(args.dataset, data_dir=args.data_dir)
+    except (ValueError, ImportError, data.DatasetNotAvailableError) as err:
+        raise UsageError(f"--dataset {args.dataset}: {err}") from err
+    if len(x_train) == 0:
+        raise UsageError(f"--dataset {args.dataset}: the training split is empty.")
+    num_classes = info.get("num_classes") or int(max(y_train.max(), y_test.max(initial=0)) + 1)
+    return (x_train, y_train), (x_test, y_test), int(num_classes), tuple(x_train.shape[1:])
+
+
+def _build(args, input_shape, num_classes):
+    from keras_coherence import models
+
+    kwargs = {}
+    if args.hidden is not None:
+        if args.model != "mlp":
+            raise UsageError("--hidden only applies to --model mlp.")
+        kwargs["hidden"] = args.hidden
+    try:
+        return models.build_model(args.model, input_shape, num_classes, **kwargs)
+    except ValueError as err:
+        raise UsageError(f"--model {args.model}: {err}") from err
+
+
+def _jsonable(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def run_coherence(args: argparse.Namespace, out_dir: str, log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Train ``args.model`` on ``args.dataset`` with SGD and measure m-coherence on a
+    fixed probe sample; write ``coherence.csv``, ``coherence.png`` and
+    ``summary.json`` to ``out_dir``; return the summary dict.
+
+    ``args`` holds the ``coherence`` subcommand's options (``TRAINING_ARGS`` and
+    ``COHERENCE_ARGS``). Raises :class:`UsageError` for a bad dataset or model.
+    """
+    from keras_coherence import __version__, data
+    from keras_coherence._keras import keras, tf
+    from keras_coherence.callbacks import CoherenceMonitor
+    from keras_coherence.plots import plot_coherence
+
+    start = time.perf_counter()
+    keras.utils.set_random_seed(args.seed)
+    (x_train, y_train), (x_test, y_test), num_classes, input_shape = _load_data(args)
+    n = len(x_train)
+
+    y_fit, corrupt = y_train, np.zeros(n, bool)
+    if args.label_noise > 0:
+        try:
+            y_fit, corrupt = data.corrupt_labels(y_train, args.label_noise, num_classes=num_classes,
+                                                 seed=args.seed, mode=args.noise_mode)
+        except ValueError as err:
+            raise UsageError(f"--label-noise {args.label_noise}: {err}") from err
+
+    probe_size = min(args.probe_size, n)
+    if probe_size < args.probe_size:
+        log(f"note: --probe-size {args.probe_size} > {n} training examples; probing all {n}.")
+    probe = np.sort(np.random.default_rng(args.seed).choice(n, size=probe_size, replace=False))
+    x_probe, y_probe = x_train[probe], y_fit[probe]  # the labels the model is trained on
+
+    steps_per_epoch = math.ceil(n / args.batch_size)
+    total_steps = steps_per_epoch * args.epochs
+    every = args.every_n_steps or max(1, round(total_steps / _AUTO_MEASUREMENTS))
+
+    model = _build(args, input_shape, num_classes)
+    model.compile(
+        optimizer=keras.optimizers.SGD(learning_rate=args.lr),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    os.makedirs(out_dir, exist_ok=True)
+    csv_path = os.path.join(out_dir, "coherence.csv")
+    if os.path.exists(csv_path):
+        os.remove(csv_path)
+    monitor = CoherenceMonitor(x_probe, y_probe, every_n_steps=every, per_layer=args.per_layer,
+                               csv_path=csv_path, log_dir=args.log_dir)
+    noise = f", {args.label_noise:.0%} label noise ({args.noise_mode})" if args.label_noise else ""
+    log(f"coherence: {args.model} ({model.count_params():,} parameters) on {args.dataset}, "
+        f"{n} training examples{noise}; SGD lr {args.lr}, batch {args.batch_size}, "
+        f"{args.epochs} epochs = {total_steps} steps; m-coherence of a {probe_size}-example "
+        f"probe every {every} steps")
+    train_start = time.perf_counter()
+    model.fit(x_train, y_fit, batch_size=args.batch_size, epochs=args.epochs, shuffle=True,
+              callbacks=[monitor], verbose=0 if args.quiet else 1)
+    if monitor.history[-1]["step"] != total_steps:
+        monitor.measure()  # always end with the trained model's value
+    train_seconds = time.perf_counter() - train_start
+
+    rows = monitor.history
+    _, train_acc = model.evaluate(x_train, y_fit, batch_size=1024, verbose=0)
+    _, test_acc = model.evaluate(x_test, y_test, batch_size=1024, verbose=0) if len(x_test) else (None, float("nan"))
+    clean_acc = None
+    if corrupt.any():
+        _, clean_acc = model.evaluate(x_train, y_train, batch_size=1024, verbose=0)
+
+    title = f"{args.model} on {args.dataset}" + (f", {args.label_noise:.0%} label noise" if args.label_noise else "")
+    png_path = plot_coherence(rows, os.path.join(out_dir, "coherence.png"),
+                              title=f"m-coherence of a {probe_size}-example probe: {title}",
+                              per_layer=args.per_layer)
+
+    values = [r["m_coherence"] for r in rows]
+    peak = int(np.nanargmax(values))
+    point = lambda r: {"step": int(r["step"]), "epoch": int(r["epoch"]), "value": float(r["m_coherence"])}  # noqa: E731
+    summary = {
+        "command": "coherence",
+        "config": {k: _jsonable(v) for k, v in sorted(vars(args).items()) if not k.startswith("_")},
+        "data": {
+            "dataset": args.dataset, "num_train": n, "num_test": int(len(x_test)),
+            "num_classes": num_classes, "input_shape": list(input_shape),
+            "num_corrupted_labels": int(corrupt.sum()), "probe_size": int(probe_size),
+        },
+        "model": {"name": args.model, "parameters": int(model.count_params())},
+        "training": {"steps": total_steps, "steps_per_epoch": steps_per_epoch,
+                     "every_n_steps": every},
+        "accuracy": {"train": float(train_acc), "test": float(test_acc),
+                     "train_clean_labels": None if clean_acc is None else float(clean_acc)},
+        "m_coherence": {"first": point(rows[0]), "peak": point(rows[peak]),
+                        "last": point(rows[-1]), "measurements": len(rows)},
+        "wall_seconds": {"total": time.perf_counter() - start, "training": train_seconds},
+        "files": {"csv": "coherence.csv", "plot": os.path.basename(png_path),
+                  "summary": "summary.json"},
+        "versions": {"keras_coherence": __version__, "tensorflow": tf.__version__,
+                     "python": platform.python_version()},
+    }
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+        f.write("\n")
+
+    mc = summary["m_coherence"]
+    accs = f"train accuracy {train_acc:.3f}" + (
+        f" ({clean_acc:.3f} on the clean labels)" if clean_acc is not None else "")
+    log(f"  {accs}, test accuracy {test_acc:.3f}")
+    log(f"  m-coherence: first {mc['first']['value']:.3g} (step 0), peak "
+        f"{mc['peak']['value']:.3g} (step {mc['peak']['step']}), last {mc['last']['value']:.3g} "
+        f"(step {mc['last']['step']}); orthogonal gradients give 1, identical ones {probe_size}")
+    log(f"  {summary['wall_seconds']['total']:.1f} s; wrote {os.path.join(out_dir, '')}"
+        "{coherence.csv, coherence.png, summary.json}")
+    return summary
+
+
+@subcommand(
+    "coherence",
+    help="train with SGD and log the m-coherence of a fixed probe sample",
+    arguments=[*TRAINING_ARGS, *COHERENCE_ARGS,
+               arg("--out", default=os.path.join("runs", "coherence"), metavar="DIR",
+                   help="output directory")],
+)
+def coherence_command(args):
+    """Train a model with plain SGD while CoherenceMonitor measures the m-coherence
+    ||sum_i g_i||^2 / sum_i ||g_i||^2 of a fixed probe sample of training examples.
+    Writes coherence.csv, coherence.png and summary.json to --out."""
+    run_coherence(args, args.out)
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# The demo: short sections, one per job
+# --------------------------------------------------------------------------------------
+
+_DEMO_SECTIONS: Dict[str, Tuple[str, Callable[[str, argparse.Namespace], str]]] = {}
+
+
+def demo_section(name: str, title: str):
+    """Register ``run(out_dir, args) -> one-line result`` as a section of ``demo``;
+    it writes into ``<--out>/<name>/`` and should take well under a minute on 2 CPU cores."""
+    def register(run):
+        _DEMO_SECTIONS[name] = (title, run)
+        return run
+    return register
+
+
+def _defaults(arguments, **overrides):
+    """A Namespace with the defaults of ``arguments`` (arg specs), then ``overrides``."""
+    parser = argparse.ArgumentParser(add_help=False)
+    for flags, kwargs in arguments:
+        parser.add_argument(*flags, **kwargs)
+    args = parser.parse_args([])
+    for key, value in overrides.items():
+        if not hasattr(args, key):
+            raise AttributeError(f"no option {key!r}")
+        setattr(args, key, value)
+    return args
+
+
+@demo_section("coherence", "m-coherence while an MLP learns the embedded MNIST")
+def _demo_coherence(out_dir, demo_args):
+    args = _defaults([*TRAINING_ARGS, *COHERENCE_ARGS], model="mlp", epochs=3, batch_size=100,
+                     lr=0.1, probe_size=512, every_n_steps=4, seed=demo_args.seed,
+                     quiet=demo_args.quiet)
+    s = run_coherence(args, out_dir)
+    mc = s["m_coherence"]
+    return (f"m-coherence {mc['first']['value']:.3g} -> peak {mc['peak']['value']:.3g} -> "
+            f"{mc['last']['value']:.3g}; test accuracy {s['accuracy']['test']:.3f}")
+
+
+@subcommand(
+    "demo",
+    help="short runs of every job on the embedded MNIST (what `make demo` runs)",
+    arguments=[
+        arg("--out", default=os.path.join("runs", "demo"), metavar="DIR",
+            help="output directory; each section writes to DIR/<section>/"),
+        arg("--only", action="append", default=None, metavar="SECTION",
+            help="run only this section (repeatable)"),
+        arg("--seed", type=int, default=0, help="random seed"),
+        arg("--quiet", action="store_true", help="no progress bars"),
+    ],
+)
+def demo_command(args):
+    """Short, CPU-friendly runs of the library's jobs on the offline embedded MNIST."""
+    names = list(_DEMO_SECTIONS)
+    if args.only:
+        unknown = [s for s in args.only if s not in _DEMO_SECTIONS]
+        if unknown:
+            raise UsageError(f"--only: unknown section(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(names)}.")
+        names = [s for s in names if s in args.only]
+    start = time.perf_counter()
+    results = []
+    for i, name in enumerate(names, 1):
+        title, run = _DEMO_SECTIONS[name]
+        print(f"\n[{i}/{len(names)}] {name}: {title}", flush=True)
+        t0 = time.perf_counter()
+        line = run(os.path.join(args.out, name), args)
+        results.append((name, line, time.perf_counter() - t0))
+    print(f"\ndemo finished in {time.perf_counter() - start:.0f} s; results in {args.out}/")
+    for name, line, seconds in results:
+        print(f"  {name:<12} {line}  ({seconds:.0f} s)")
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------
+
+
+def main(argv: Optional[List[str]] = None, prog: str = PROG) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); return the exit status
+    (0 success, 2 bad arguments). ``--help`` and ``--version`` return 0."""
+    parser = build_parser(prog)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: --help/--version (0) or a usage error (2)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+
+    from keras_coherence._keras import tf
+
+    tf.get_logger().setLevel("ERROR")
+    with _quiet_device_init():
+        tf.config.list_physical_devices()
+    try:
+        return int(args._run(args) or 0)
+    except UsageError as err:
+        print(f"{prog} {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog} {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
