@@ -46,8 +46,8 @@ MODELS = ("mlp", "cnn")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=25,
-                   help="timed rounds; every method runs once per round (default 25)")
+    p.add_argument("--rounds", type=int, default=50,
+                   help="timed rounds; every method runs once per round (default 50)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--models", default="mlp,cnn", help="comma-separated subset of mlp,cnn")
     p.add_argument("--threads", type=int, default=1,
@@ -402,8 +402,7 @@ def main(args):
             x = tf.random.uniform((args.batch_size, 28, 28, 1))
             y = tf.random.uniform((args.batch_size,), maxval=10, dtype=tf.int32)
             comps = profile_methods(model, cmodel, x, y)
-            methods = [(c, (lambda f=f: f(x, y)), None if k == 0 else "forward+loss")
-                       for k, (c, f) in enumerate(comps)]
+            methods = [(c, (lambda f=f: f(x, y)), None) for c, f in comps]
             psamples, _ = run_methods(f"{name} profile", methods, args)
             psum = _timing.summarize(psamples, {c: "plain step (+apply)" for c, _ in comps})
             print(f"\nprofile {name} (bare tf.functions, cumulative stages; ratio to the plain step):")

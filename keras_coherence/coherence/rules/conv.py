@@ -1,10 +1,10 @@
 """Convolutions: per-example kernel gradients from input patches.
 
-The per-example kernel gradient of a convolution is ``patches_i^T dz_i``. The rule
-builds the patches from ``kh * kw`` strided slices of the (explicitly padded) input
-(much cheaper than ``tf.image.extract_patches``), forms every example's kernel
-gradient in one batched matmul, and takes the batch sum of those as the kernel
-gradient -- so the usual filter backprop is not paid for twice.
+The per-example kernel gradient of a convolution is ``patches_i^T dz_i``. For each
+kernel offset the rule multiplies a strided slice of the (explicitly padded) input
+with ``dz`` in one batched matmul (much cheaper than ``tf.image.extract_patches``),
+and takes the batch sum of those per-example gradients as the kernel gradient -- so
+the usual filter backprop is not paid for twice.
 """
 from keras_coherence._keras import keras, tf
 from keras_coherence.coherence.registry import (
@@ -48,19 +48,48 @@ def _pad_input(layer, x, kernel_size, strides, dilations):
     return tf.pad(x, pads, constant_values=getattr(layer, "pad_values", 0.0))
 
 
-def _patches(xp, out_hw, kernel_size, strides, dilations):
-    """``[B, Ho*Wo, kh*kw*C]`` patches of the padded input, in HWIO kernel order."""
+# Below this many kernel inputs (kh*kw*C) the patch matrix is small, and one
+# convolution with a one-hot identity kernel builds it fastest; above it, one batched
+# matmul per kernel offset avoids both the patch matrix and stacked per-example
+# gradients (measured in benchmarks/coherence_overhead.py).
+_IDENTITY_PATCHES_MAX_INPUTS = 32
+
+
+def _slice_at(xp, i, j, out_hw, strides, dilations):
+    """The input values that kernel offset (i, j) sees, ``[B, Ho, Wo, C]``."""
     ho, wo = out_hw
-    slices = []
+    h0, w0 = i * dilations[0], j * dilations[1]
+    return xp[:, h0: h0 + (ho - 1) * strides[0] + 1: strides[0],
+              w0: w0 + (wo - 1) * strides[1] + 1: strides[1], :]
+
+
+def _kernel_grads(xp, dz, kernel_size, strides, dilations, ste):
+    """Batch-summed kernel gradient ``[kh, kw, C, F]`` and per-example squared norms."""
+    batch = tf.shape(xp)[0]
+    channels, filters = xp.shape[-1], dz.shape[-1]
+    dz_flat = tf.reshape(dz, [batch, -1, filters])
+    n_inputs = kernel_size[0] * kernel_size[1] * channels
+    kernel_shape = [kernel_size[0], kernel_size[1], channels, filters]
+    if n_inputs <= _IDENTITY_PATCHES_MAX_INPUTS:
+        eye = tf.reshape(tf.eye(n_inputs, dtype=xp.dtype), kernel_size + (channels, n_inputs))
+        patches = tf.nn.conv2d(xp, eye, strides=[1, *strides, 1], padding="VALID",
+                               dilations=[1, *dilations, 1])
+        per_example = tf.matmul(tf.reshape(patches, [batch, -1, n_inputs]), dz_flat, transpose_a=True)
+        if ste is not None:
+            per_example = per_example * tf.reshape(ste, [1, n_inputs, filters])
+        return tf.reshape(tf.reduce_sum(per_example, 0), kernel_shape), reduce_sq(per_example)
+    out_hw = _out_hw(dz)
+    sums, sq = [], None
     for i in range(kernel_size[0]):
         for j in range(kernel_size[1]):
-            h0, w0 = i * dilations[0], j * dilations[1]
-            slices.append(
-                xp[:, h0: h0 + (ho - 1) * strides[0] + 1: strides[0],
-                   w0: w0 + (wo - 1) * strides[1] + 1: strides[1], :]
-            )
-    patches = tf.concat(slices, axis=-1) if len(slices) > 1 else slices[0]
-    return tf.reshape(patches, [tf.shape(xp)[0], -1, patches.shape[-1]])
+            sl = tf.reshape(_slice_at(xp, i, j, out_hw, strides, dilations), [batch, -1, channels])
+            per_example = tf.matmul(sl, dz_flat, transpose_a=True)  # [B, C, F]
+            if ste is not None:
+                per_example = per_example * ste[i, j]
+            sums.append(tf.reduce_sum(per_example, 0))
+            part = reduce_sq(per_example)
+            sq = part if sq is None else sq + part
+    return tf.reshape(tf.stack(sums), kernel_shape), sq
 
 
 def _spatial_2d(layer):
@@ -124,17 +153,11 @@ class ConvRule(LayerRule):
         layer, xp, ste = trace.layer, trace.context["xp"], trace.context["ste"]
         dz = cotangents[0]
         ks, st, dl = _spatial_2d(layer)
-        patches = _patches(xp, _out_hw(dz), ks, st, dl)
-        dz_flat = tf.reshape(dz, [tf.shape(dz)[0], -1, dz.shape[-1]])
-        per_example = tf.matmul(patches, dz_flat, transpose_a=True)  # [B, kh*kw*C, F]
-        kernel_shape = [ks[0], ks[1], xp.shape[-1], dz.shape[-1]]
-        if ste is not None:
-            per_example = per_example * tf.reshape(ste, [1, -1, dz.shape[-1]])
-        kernel_sum = tf.reshape(tf.reduce_sum(per_example, 0), kernel_shape)
+        kernel_sum, sq = _kernel_grads(xp, dz, ks, st, dl, ste)
         if layer.rank == 1:
             kernel_sum = kernel_sum[0]
         grads = {var_key(layer.kernel): kernel_sum}
-        return _with_bias(layer, reduce_sq(per_example), grads, dz)
+        return _with_bias(layer, sq, grads, dz)
 
 
 def _depthwise_per_example(xp, du, ks, st, dl, multiplier):
@@ -145,10 +168,7 @@ def _depthwise_per_example(xp, du, ks, st, dl, multiplier):
     grads = []
     for i in range(ks[0]):
         for j in range(ks[1]):
-            h0, w0 = i * dl[0], j * dl[1]
-            sl = xp[:, h0: h0 + (ho_wo[0] - 1) * st[0] + 1: st[0],
-                    w0: w0 + (ho_wo[1] - 1) * st[1] + 1: st[1], :]
-            sl = tf.reshape(sl, [tf.shape(xp)[0], -1, channels])
+            sl = tf.reshape(_slice_at(xp, i, j, ho_wo, st, dl), [tf.shape(xp)[0], -1, channels])
             grads.append(tf.einsum("blc,blcm->bcm", sl, du4))
     stacked = tf.stack(grads, axis=1)
     return tf.reshape(stacked, [tf.shape(xp)[0], ks[0], ks[1], channels, multiplier])
