@@ -61,7 +61,10 @@ def _randomize_bn(model, rng):
             layer.beta.assign(rng.normal(size=c).astype("float32"))
 
 
-def test_mixed_image_model_every_rule_and_fallback():
+def test_mixed_image_model_every_rule_and_fallback(monkeypatch):
+    from keras_coherence.coherence.rules import fallback
+
+    monkeypatch.setattr(fallback.FALLBACK, "chunk_size", 3)  # micro-batches of 7: chunks 3+3+1
     rng = np.random.default_rng(0)
     x = rng.normal(size=(19, 8, 8, 3)).astype("float32")
     y = rng.integers(0, 4, 19)
@@ -187,6 +190,16 @@ def test_subclassed_model_takes_whole_model_fallback():
     stats = gradient_stats(model, x, y)
     ref_mc, _, _, _ = coherence_reference(model, loss, x, y)
     np.testing.assert_allclose(stats.m_coherence, ref_mc, rtol=RTOL)
+
+
+def test_regression_loss_with_flat_targets_and_single_output_unit():
+    rng = np.random.default_rng(10)
+    x = rng.normal(size=(12, 4)).astype("float32")
+    y = rng.normal(size=12).astype("float32")  # [B] targets, [B, 1] predictions
+    model = keras.Sequential([keras.layers.Dense(6, activation="relu", input_shape=(4,)),
+                              keras.layers.Dense(1)])
+    model.compile(loss="mse")
+    _assert_matches(model, keras.losses.MeanSquaredError(), x, y)
 
 
 def _dense_model(n_in=4, n_out=3):

@@ -9,6 +9,7 @@ import dataclasses
 from typing import Callable, Dict, List, Optional
 
 from keras_coherence._keras import keras, tf
+from tf_keras.src.engine.compile_utils import match_dtype_and_rank  # what compile() applies
 from tf_keras.src.losses import LossFunctionWrapper  # not exported by tf_keras.losses
 from keras_coherence.coherence.registry import var_key
 from keras_coherence.coherence.rules.fallback import FALLBACK
@@ -147,8 +148,15 @@ def per_example_loss_fn(model):
         for f, w, yt, yp in zip(fns, weights, y_true_flat, y_pred_flat):
             if f is None:
                 continue
+            yt, yp, _ = match_dtype_and_rank(tf.convert_to_tensor(yt), yp, None)
             values = f(yt, yp)
-            if values.shape.rank and values.shape.rank > 1:
+            if values.shape.rank == 0:
+                raise ValueError(
+                    f"The loss {f!r} returned one value for the whole batch; per-example "
+                    "gradients need a loss that returns one value per example (a Keras "
+                    "Loss, or a function reducing only the last axis)."
+                )
+            if values.shape.rank > 1:
                 values = tf.reduce_mean(values, axis=list(range(1, values.shape.rank)))
             values = tf.cast(values, "float32") * w
             total = values if total is None else total + values
