@@ -28,8 +28,10 @@ class CoherenceMonitor(keras.callbacks.Callback):
       prefix: prefix of the keys written to the epoch logs / History.
 
     After training, ``monitor.history`` is a list of dicts
-    ``{"step", "epoch", "m_coherence", "alpha", ...}``; the last measurement of each
-    epoch also lands in the epoch logs, hence in ``model.fit(...).history``.
+    ``{"step", "epoch", "m_coherence", "alpha", ...}`` (``epoch`` counts completed
+    epochs, fractional between epoch ends); it always starts at step 0 and ends at the
+    final step. The last measurement of each epoch also lands in the epoch logs, hence
+    in ``model.fit(...).history``.
 
     Example:
       >>> import numpy as np, keras_coherence as kc
@@ -66,7 +68,7 @@ class CoherenceMonitor(keras.callbacks.Callback):
         """Measure now and record the result."""
         stats = gradient_stats(self.model, self.x, self.y, self.sample_weight,
                                batch_size=self.batch_size, batchnorm=self.batchnorm)
-        row = {"step": self._step, "epoch": self._epoch, "m": stats.m,
+        row = {"step": self._step, "epoch": self._epochs_done(), "m": stats.m,
                **stats.as_dict(per_layer=self.per_layer)}
         self.history.append(row)
         self._write(row)
@@ -91,6 +93,10 @@ class CoherenceMonitor(keras.callbacks.Callback):
                         tf.summary.scalar(key, value, step=self._step)
             self._writer.flush()
 
+    def _epochs_done(self):
+        steps = (self.params or {}).get("steps")
+        return self._step / steps if steps else float(self._epoch)
+
     def on_train_begin(self, logs=None):
         self.measure()
 
@@ -104,15 +110,16 @@ class CoherenceMonitor(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self._epoch = epoch + 1
-        if self.every_n_steps is None or not self.history or self.history[-1]["step"] != self._step:
-            if self.every_n_steps is None:
-                self.measure()
+        if self.every_n_steps is None:
+            self.measure()
         if logs is not None and self.history:
             for key, value in self.history[-1].items():
                 if key not in ("step", "epoch", "m"):
                     logs[self.prefix + key] = value
 
     def on_train_end(self, logs=None):
+        if self.history and self.history[-1]["step"] != self._step:
+            self.measure()  # always end on the final weights
         if self._writer is not None:
             self._writer.close()
             self._writer = None

@@ -94,16 +94,26 @@ def _series(rows, key):
 
 def draw_coherence(ax, history_rows: Sequence[Mapping], label: Optional[str] = None,
                    per_layer: bool = True, color=None, xscale: str = "linear",
-                   reference_line: bool = True) -> None:
+                   reference_line: bool = True, smooth: int = 0) -> None:
     """Draw one run's m-coherence on ``ax``: the whole model as a thick line (with
-    markers), each layer as a thin dashed line of the same colour family when
-    ``per_layer``; log y axis; a dotted reference line at 1 (orthogonal gradients)."""
+    markers), each layer as a thin dashed line (in the run's colour when ``label`` is
+    given) when ``per_layer``; log y axis; a dotted reference line at 1 (orthogonal
+    gradients). With ``smooth > 1`` the whole-model values are drawn faintly and a
+    centred running median over ``smooth`` measurements as the thick line (SGD with a
+    large step size makes the probe's coherence jump from step to step)."""
     rows = _check_rows(history_rows)
     if xscale not in _XSCALES:
         raise ValueError(f"xscale must be one of {_XSCALES}, got {xscale!r}.")
+    if isinstance(smooth, bool) or not isinstance(smooth, int) or smooth < 0:
+        raise ValueError(f"smooth must be an integer >= 0 (a window in measurements), got {smooth!r}.")
     xs, ys = _series(rows, _KEY)
     whole = label if label is not None else "whole model"
-    (line,) = ax.plot(xs, ys, marker="o", markersize=3, linewidth=2.0, color=color, label=whole)
+    if smooth > 1:
+        (line,) = ax.plot(xs, ys, marker="o", markersize=2, linewidth=0.6, alpha=0.35, color=color)
+        ax.plot(xs, _rolling_median(ys, smooth), linewidth=2.0, color=line.get_color(),
+                label=f"{whole} (median of {smooth})")
+    else:
+        (line,) = ax.plot(xs, ys, marker="o", markersize=3, linewidth=2.0, color=color, label=whole)
     if per_layer:
         names = layer_names(rows)
         for name in names:
@@ -113,9 +123,8 @@ def draw_coherence(ax, history_rows: Sequence[Mapping], label: Optional[str] = N
             layer_label = f"{label}: {name}" if label is not None else name
             kwargs = {"color": line.get_color()} if label is not None else {}
             ax.plot(lx, ly, linewidth=1.0, linestyle="--", alpha=0.7, label=layer_label, **kwargs)
-    if reference_line and not getattr(ax, "_kc_reference_drawn", False):
+    if reference_line:
         ax.axhline(1.0, color="grey", linestyle=":", linewidth=1.0, label="orthogonal limit (1)")
-        ax._kc_reference_drawn = True
     ax.set_yscale("log")
     if xscale == "symlog":
         ax.set_xscale("symlog", linthresh=1.0)
@@ -124,6 +133,17 @@ def draw_coherence(ax, history_rows: Sequence[Mapping], label: Optional[str] = N
     ax.set_xlabel("training step")
     ax.set_ylabel("m-coherence  ||Σ g_i||² / Σ ||g_i||²")
     ax.grid(True, which="both", alpha=0.3)
+
+
+def _rolling_median(values, window):
+    """Centred running median (shorter windows at the ends)."""
+    half = window // 2
+    out = []
+    for i in range(len(values)):
+        chunk = sorted(values[max(0, i - half): i + half + 1])
+        mid = len(chunk) // 2
+        out.append(chunk[mid] if len(chunk) % 2 else 0.5 * (chunk[mid - 1] + chunk[mid]))
+    return out
 
 
 def _save(fig, path, dpi):
@@ -136,7 +156,7 @@ def _save(fig, path, dpi):
 
 def plot_coherence(history_rows: Sequence[Mapping], path: str, title: Optional[str] = None,
                    per_layer: bool = True, xscale: str = "linear", dpi: int = 100,
-                   figsize=(7.0, 4.5)) -> str:
+                   figsize=(7.0, 4.5), smooth: int = 0) -> str:
     """Plot one run's m-coherence vs training step and save it to ``path``.
 
     Args:
@@ -147,6 +167,8 @@ def plot_coherence(history_rows: Sequence[Mapping], path: str, title: Optional[s
         per_layer: also draw each layer's m-coherence (if the rows have them).
         xscale: ``"linear"``, ``"log"`` or ``"symlog"`` (log-like, keeps step 0).
         dpi, figsize: output size.
+        smooth: if > 1, also draw a running median over this many measurements
+            (raw values stay visible, faintly).
 
     Returns:
         ``path``.
@@ -160,7 +182,7 @@ def plot_coherence(history_rows: Sequence[Mapping], path: str, title: Optional[s
     """
     fig = Figure(figsize=figsize)
     ax = fig.add_subplot(1, 1, 1)
-    draw_coherence(ax, history_rows, per_layer=per_layer, xscale=xscale)
+    draw_coherence(ax, history_rows, per_layer=per_layer, xscale=xscale, smooth=smooth)
     ax.set_title(title if title is not None else "Gradient coherence")
     ax.legend(fontsize="small", loc="best")
     fig.tight_layout()
@@ -171,12 +193,12 @@ def plot_coherence_comparison(runs: Mapping[str, Sequence[Mapping]], path: str,
                               title: Optional[str] = None, per_layer: bool = False,
                               xscale: str = "linear", dpi: int = 100, figsize=(7.0, 4.5),
                               secondary_key: Optional[str] = None,
-                              secondary_label: Optional[str] = None) -> str:
+                              secondary_label: Optional[str] = None, smooth: int = 0) -> str:
     """Plot several runs' m-coherence on one figure and save it to ``path``.
 
     Args:
         runs: ``{label: history_rows}``; one colour per run.
-        path, title, xscale, dpi, figsize: as in :func:`plot_coherence`.
+        path, title, xscale, dpi, figsize, smooth: as in :func:`plot_coherence`.
         per_layer: also draw each run's layers (thin dashed, in the run's colour).
         secondary_key: if given (e.g. ``"train_accuracy"``), a second panel below
             plots this key of the rows (linear y) for every run that has it.
@@ -197,7 +219,8 @@ def plot_coherence_comparison(runs: Mapping[str, Sequence[Mapping]], path: str,
         ax, ax2 = fig.add_subplot(1, 1, 1), None
     colors = [c["color"] for c in _color_cycle(len(runs))]
     for (label, rows), color in zip(runs.items(), colors):
-        draw_coherence(ax, rows, label=str(label), per_layer=per_layer, color=color, xscale=xscale)
+        draw_coherence(ax, rows, label=str(label), per_layer=per_layer, color=color,
+                       xscale=xscale, smooth=smooth, reference_line=False)
         if ax2 is not None:
             sx, sy = [], []
             for row in rows:
@@ -207,6 +230,7 @@ def plot_coherence_comparison(runs: Mapping[str, Sequence[Mapping]], path: str,
                     sy.append(y)
             if sx:
                 ax2.plot(sx, sy, marker="o", markersize=3, color=color, label=str(label))
+    ax.axhline(1.0, color="grey", linestyle=":", linewidth=1.0, label="orthogonal limit (1)")
     ax.set_title(title if title is not None else "Gradient coherence")
     ax.legend(fontsize="small", loc="best")
     if ax2 is not None:

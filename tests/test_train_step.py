@@ -88,7 +88,9 @@ def test_monitor_logs_to_history_csv_and_tensorboard(tmp_path):
     ref_mc, *_ = coherence_reference(model, loss, x[:16], y[:16])
     hist = model.fit(x, y, batch_size=10, epochs=2, callbacks=[monitor], verbose=0)
     np.testing.assert_allclose(monitor.history[0]["m_coherence"], ref_mc, rtol=1e-4)
+    # 2 epochs of 4 steps; every 2 steps, plus the final step (8 is a multiple anyway)
     assert [r["step"] for r in monitor.history] == [0, 2, 4, 6, 8]
+    assert [r["epoch"] for r in monitor.history] == [0, 0.5, 1.0, 1.5, 2.0]
     assert hist.history["m_coherence"][-1] == monitor.history[-1]["m_coherence"]
     rows = (tmp_path / "c.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + len(monitor.history) and rows[0].startswith("step,epoch,m,m_coherence")
@@ -96,3 +98,12 @@ def test_monitor_logs_to_history_csv_and_tensorboard(tmp_path):
     # the final measurement is the probe's coherence at the trained weights
     ref_end, *_ = coherence_reference(model, loss, x[:16], y[:16])
     np.testing.assert_allclose(monitor.history[-1]["m_coherence"], ref_end, rtol=1e-4)
+
+
+def test_monitor_always_measures_the_final_step():
+    x, y = _data(30)
+    model = _model(8)
+    model.compile(keras.optimizers.SGD(0.1), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    monitor = kc.callbacks.CoherenceMonitor(x[:8], y[:8], every_n_steps=2)
+    model.fit(x, y, batch_size=10, epochs=1, callbacks=[monitor], verbose=0)  # 3 steps
+    assert [r["step"] for r in monitor.history] == [0, 2, 3]

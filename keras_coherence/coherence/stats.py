@@ -153,7 +153,8 @@ def gradient_stats(
       x, y: the sample (arrays or tensors, or nested structures for multi-input/output).
       sample_weight: optional per-example weights; example i's gradient is that of
         ``sample_weight[i] * loss_i``.
-      batch_size: micro-batch size (memory, not results, depends on it).
+      batch_size: micro-batch size. With ``batchnorm="inference"`` only memory depends
+        on it; with ``"batch"`` the statistics are those of each micro-batch, so results do.
       batchnorm: ``"inference"`` (default) -- normalization layers use their moving
         statistics, so each example's gradient is that of a fixed function; or
         ``"batch"`` -- statistics of each micro-batch, and what is measured is each

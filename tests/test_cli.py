@@ -1,0 +1,215 @@
+"""Tests for the command line (keras_coherence.cli), the model builders and the plots."""
+import csv
+import doctest
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from keras_coherence import cli, models, plots
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True)
+def _cache_in_tmp(tmp_path, monkeypatch):
+    """Never touch the user's real cache directory."""
+    monkeypatch.setenv("KERAS_COHERENCE_CACHE", str(tmp_path / "cache"))
+
+
+def _read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _assert_png(path):
+    assert os.path.getsize(path) > 1000
+    with open(path, "rb") as f:
+        assert f.read(8) == PNG_MAGIC
+    from matplotlib.image import imread
+
+    image = imread(path)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    assert float(image.std()) > 0  # not a blank canvas
+
+
+TINY = ["--max-train", "256", "--epochs", "1", "--batch-size", "32", "--probe-size", "64",
+        "--every-n-steps", "3", "--hidden", "16", "--quiet", "--seed", "1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("coherence")
+    code = cli.main(["coherence", *TINY, "--label-noise", "0.5", "--out", str(out)])
+    return code, out
+
+
+def test_coherence_writes_consistent_outputs(tiny_run):
+    code, out = tiny_run
+    assert code == 0
+    for name in ("coherence.csv", "coherence.png", "summary.json"):
+        assert (out / name).is_file(), name
+    rows = _read_csv(out / "coherence.csv")
+    summary = json.loads((out / "summary.json").read_text())
+
+    steps_per_epoch = math.ceil(256 / 32)
+    assert summary["training"]["steps"] == steps_per_epoch
+    assert summary["data"]["num_train"] == 256 and summary["data"]["probe_size"] == 64
+    assert summary["data"]["num_corrupted_labels"] == 128
+    assert summary["config"]["label_noise"] == 0.5 and summary["config"]["model"] == "mlp"
+
+    # Rows: the start, every 3 steps, and always the final step.
+    steps = [int(r["step"]) for r in rows]
+    assert steps[0] == 0 and steps[-1] == steps_per_epoch
+    assert steps == sorted(set(steps))
+    assert set(range(0, steps_per_epoch + 1, 3)) <= set(steps)
+    assert summary["m_coherence"]["measurements"] == len(rows)
+
+    values = [float(r["m_coherence"]) for r in rows]
+    assert all(0 < v <= 64 for v in values)
+    mc = summary["m_coherence"]
+    assert mc["first"]["value"] == pytest.approx(values[0], rel=1e-12)
+    assert mc["last"]["value"] == pytest.approx(values[-1], rel=1e-12)
+    assert mc["last"]["step"] == steps[-1]
+    assert mc["peak"]["value"] == pytest.approx(max(values), rel=1e-12)
+    assert mc["peak"]["step"] == steps[int(np.argmax(values))]
+    for r in rows:  # alpha = m-coherence / m
+        assert float(r["alpha"]) == pytest.approx(float(r["m_coherence"]) / 64, rel=1e-9)
+    layer_cols = [k for k in rows[0] if k.startswith("m_coherence/")]
+    assert layer_cols == ["m_coherence/dense_1", "m_coherence/logits"]
+
+    for key in ("train", "test", "train_clean_labels"):
+        assert 0.0 <= summary["accuracy"][key] <= 1.0
+    assert summary["wall_seconds"]["total"] > 0
+    _assert_png(out / "coherence.png")
+
+
+def test_coherence_prints_summary(tiny_run, capsys, tmp_path):
+    code = cli.main(["coherence", *TINY, "--no-per-layer", "--out", str(tmp_path)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert "m-coherence: first" in printed and "test accuracy" in printed
+    assert f"{summary['m_coherence']['last']['value']:.3g}" in printed
+    rows = _read_csv(tmp_path / "coherence.csv")
+    assert not [k for k in rows[0] if k.startswith("m_coherence/")]  # --no-per-layer
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["coherence", "--label-noise", "1.5"], "--label-noise"),
+    (["coherence", "--epochs", "0"], "--epochs"),
+    (["coherence", "--model", "resnet"], "--model"),
+    (["coherence", "--lr", "abc"], "--lr"),
+    (["coherence", "--hidden", "12,x"], "--hidden"),
+    (["coherence", "--bogus"], "--bogus"),
+    (["nosuchcommand"], "nosuchcommand"),
+    ([], "COMMAND"),
+    (["coherence", "--dataset", "not_a_dataset_xyz", "--quiet"], "not_a_dataset_xyz"),
+    (["coherence", "--model", "cnn", "--hidden", "8", "--quiet"], "--hidden"),
+    (["demo", "--only", "nope"], "nope"),
+])
+def test_bad_arguments_exit_2_with_one_line(argv, fragment, capsys, tmp_path):
+    if argv and argv[0] in ("coherence", "demo"):
+        argv = argv + ["--out", str(tmp_path / "out")]
+    assert cli.main(argv) == 2
+    captured = capsys.readouterr()
+    message = captured.err.strip()
+    assert fragment in message and "error" in message
+    assert len(message.splitlines()) == 1, message
+    assert "Traceback" not in captured.err + captured.out
+    assert not (tmp_path / "out" / "summary.json").exists()
+
+
+def test_demo_writes_its_sections(tmp_path, capsys):
+    assert cli.main(["demo", "--out", str(tmp_path), "--quiet"]) == 0
+    summary = json.loads((tmp_path / "coherence" / "summary.json").read_text())
+    assert summary["data"]["num_train"] == 4000 and summary["training"]["steps"] > 0
+    assert summary["m_coherence"]["last"]["step"] == summary["training"]["steps"]
+    _assert_png(tmp_path / "coherence" / "coherence.png")
+    assert "demo finished" in capsys.readouterr().out
+
+
+def test_help_returns_0(capsys):
+    assert cli.main(["--help"]) == 0
+    assert "coherence" in capsys.readouterr().out
+    assert cli.main(["coherence", "--help"]) == 0
+    assert "--probe-size" in capsys.readouterr().out
+
+
+def test_python_dash_m_help():
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, "-m", "keras_coherence", "--help"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "coherence" in result.stdout and "demo" in result.stdout
+    assert "python -m keras_coherence" in result.stdout
+
+
+# ------------------------------------------------------------------------------- models
+
+
+def test_model_builders():
+    m = models.mlp(hidden=(8, 4), num_classes=3)
+    assert m.output_shape == (None, 3)
+    assert [layer.name for layer in m.layers] == ["input", "flatten", "dense_1", "dense_2", "logits"]
+    assert m.layers[-1].activation.__name__ == "linear"  # logits
+    cnn = models.build_model("cnn")
+    assert cnn.output_shape == (None, 10) and cnn.count_params() == 225034
+    assert [type(layer).__name__ for layer in cnn.layers[1:]] == [
+        "Conv2D", "MaxPooling2D", "Conv2D", "MaxPooling2D", "Flatten", "Dense", "Dense"]
+    assert models.build_model("MLP", (5,), 2, hidden=()).count_params() == 12
+
+
+@pytest.mark.parametrize("call, fragment", [
+    (lambda: models.build_model("resnet"), "Known models: mlp, cnn"),
+    (lambda: models.mlp(num_classes=1), "num_classes"),
+    (lambda: models.mlp(hidden=(0,)), "hidden"),
+    (lambda: models.small_cnn(input_shape=(784,)), "(height, width, channels)"),
+])
+def test_model_errors(call, fragment):
+    with pytest.raises(ValueError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        call()
+
+
+# -------------------------------------------------------------------------------- plots
+
+
+def test_plots_are_valid_pngs(tmp_path):
+    rows = [{"step": s, "epoch": 0, "m_coherence": 30.0 / (1 + s), "m_coherence/dense_1": 20.0 / (1 + s),
+             "m_coherence/logits": float("nan"), "train_accuracy": s / 10} for s in range(10)]
+    path = plots.plot_coherence(rows, str(tmp_path / "a" / "one.png"), title="t", per_layer=True)
+    _assert_png(path)
+    path = plots.plot_coherence_comparison(
+        {"real": rows, "random": [dict(r, m_coherence=1.0 + r["step"]) for r in rows]},
+        str(tmp_path / "cmp.png"), xscale="symlog", secondary_key="train_accuracy", smooth=3)
+    _assert_png(path)
+
+
+def test_plot_reads_monitor_csv(tiny_run, tmp_path):
+    _, out = tiny_run
+    rows = plots.read_history_csv(str(out / "coherence.csv"))
+    assert isinstance(rows[0]["step"], int) and rows[0]["step"] == 0
+    assert plots.layer_names(rows) == ["dense_1", "logits"]
+    _assert_png(plots.plot_coherence(rows, str(tmp_path / "again.png"), xscale="log"))
+
+
+def test_plot_errors(tmp_path):
+    with pytest.raises(ValueError, match="empty"):
+        plots.plot_coherence([], str(tmp_path / "x.png"))
+    with pytest.raises(ValueError, match="m_coherence"):
+        plots.plot_coherence([{"step": 0}], str(tmp_path / "x.png"))
+    with pytest.raises(ValueError, match="xscale"):
+        plots.plot_coherence([{"step": 0, "m_coherence": 1.0}], str(tmp_path / "x.png"), xscale="loglog")
+    with pytest.raises(ValueError, match="non-empty"):
+        plots.plot_coherence_comparison({}, str(tmp_path / "x.png"))
+
+
+@pytest.mark.parametrize("module", [models, plots], ids=lambda m: m.__name__)
+def test_docstring_examples(module):
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0
