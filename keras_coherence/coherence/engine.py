@@ -29,6 +29,8 @@ class BackwardResult:
     layer_vars: Dict[str, List[int]]
     fallback_grads: Dict[int, object]
     fallback_layers: Dict[str, List[int]]
+    by_layer: Dict[str, list] = dataclasses.field(default_factory=dict)  # name -> traces
+    cotangents: Dict[int, list] = dataclasses.field(default_factory=dict)  # id(trace) -> dL/dwatched
 
 
 def traced_backward(model, x, objective: Callable, mode: str, tape_extra=None) -> BackwardResult:
@@ -83,7 +85,7 @@ def traced_backward(model, x, objective: Callable, mode: str, tape_extra=None) -
             grads.update(result.sum_grads)
             layer_sq[name] = result.sq_norms
         else:  # shared layer: per-example gradients of every call, summed, then the norm
-            per_call = [FALLBACK.per_example_grads(t, cot_by_trace[id(t)]) for t in traces]
+            per_call = [FALLBACK.per_example_list(t, cot_by_trace[id(t)]) for t in traces]
             summed = [tf.add_n(list(gs)) for gs in zip(*per_call)]
             for key, g in zip(keys, summed):
                 grads[key] = tf.reduce_sum(g, 0)
@@ -92,7 +94,8 @@ def traced_backward(model, x, objective: Callable, mode: str, tape_extra=None) -
         if traces[0].rule is FALLBACK:
             fallback_layers[name] = keys
     fallback = {var_key(v): g for v, g in zip(fallback_vars, tape_fallback)}
-    result = BackwardResult(y_pred, grads, layer_sq, layer_vars, fallback, fallback_layers)
+    result = BackwardResult(y_pred, grads, layer_sq, layer_vars, fallback, fallback_layers,
+                            by_layer, cot_by_trace)
     result.tape, result.extra = (tape, extra) if tape_extra is not None else (None, None)
     return result
 
@@ -165,3 +168,46 @@ def per_example_loss_fn(model):
         return total
 
     return fn
+
+
+def layer_per_example_grads(result: BackwardResult, name: str) -> Dict[int, tf.Tensor]:
+    """Explicit per-example gradients ``{var_key: [B, ...]}`` of one layer (summed over
+    its calls when the layer is shared)."""
+    traces = result.by_layer[name]
+    if len(traces) == 1:
+        rule = traces[0].rule
+        try:
+            return rule.per_example_grads(traces[0], result.cotangents[id(traces[0])])
+        except NotImplementedError:  # a rule without explicit per-example gradients
+            pass
+    total = {}
+    for trace in traces:
+        if trace.rule is FALLBACK or len(traces) > 1:
+            part = FALLBACK.per_example_grads(trace, result.cotangents[id(trace)])
+        else:
+            raise NotImplementedError(f"{type(trace.rule).__name__} has no per_example_grads")
+        for key, g in part.items():
+            total[key] = g if key not in total else total[key] + g
+    return total
+
+
+def _slice_batched(structure, start, end):
+    return tf.nest.map_structure(
+        lambda t: t[start:end] if isinstance(t, tf.Tensor) and t.shape.rank else t, structure)
+
+
+def layer_group_grads(result: BackwardResult, name: str, bounds) -> List[Dict[int, tf.Tensor]]:
+    """Gradient sums over contiguous groups of examples ``[(start, end), ...]`` of one
+    layer, from the same single backward pass (each group's slice of the layer's
+    inputs and cotangents through the layer's rule)."""
+    out = [dict() for _ in bounds]
+    for trace in result.by_layer[name]:
+        cot = result.cotangents[id(trace)]
+        rule = trace.rule if len(result.by_layer[name]) == 1 else FALLBACK
+        for g, (start, end) in enumerate(bounds):
+            sub = dataclasses.replace(trace, context=_slice_batched(trace.context, start, end))
+            sums = rule.backward(sub, [c[start:end] for c in cot]).sum_grads
+            for key, value in sums.items():
+                value = tf.convert_to_tensor(value)
+                out[g][key] = value if key not in out[g] else out[g][key] + value
+    return out

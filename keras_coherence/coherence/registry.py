@@ -38,7 +38,8 @@ class Trace:
     layer: Any
     rule: "LayerRule"
     watched: List[tf.Tensor]  # tensors the engine differentiates the loss against
-    context: Dict[str, Any]  # anything else the backward needs (inputs, masks, ...)
+    context: Dict[str, Any]  # batched tensors the backward needs (leading axis: examples)
+    static: Dict[str, Any] = dataclasses.field(default_factory=dict)  # everything else
 
 
 @dataclasses.dataclass
@@ -71,6 +72,12 @@ class LayerRule:
         raise NotImplementedError
 
     def backward(self, trace: Trace, cotangents: List[tf.Tensor]) -> LayerGrads:
+        raise NotImplementedError
+
+    def per_example_grads(self, trace: Trace, cotangents: List[tf.Tensor]) -> Dict[int, tf.Tensor]:
+        """Explicit per-example gradients ``{var_key: [B, *var.shape]}`` of the layer's
+        trainable weights, for aggregators that need every example's value of every
+        coordinate (winsorization). Memory: batch x layer parameters."""
         raise NotImplementedError
 
 

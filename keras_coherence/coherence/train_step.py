@@ -2,6 +2,7 @@
 mini-batch's m-coherence and alpha on every step, from the same backward pass."""
 from __future__ import annotations
 
+from keras_coherence._functional import FunctionalWithExtras
 from keras_coherence._keras import keras, tf
 from keras_coherence.coherence.engine import traced_backward
 from keras_coherence.coherence.registry import var_key
@@ -16,6 +17,32 @@ def _reg_loss(model):
     return losses_utils.scale_loss_for_distribution(tf.add_n(model.losses))
 
 
+def _replicated():
+    return tf.distribute.has_strategy() and tf.distribute.in_cross_replica_context() is False
+
+
+def coherence_logs(result, variables, x, data_grads, per_layer: bool = False):
+    """``{"m_coherence", "alpha"[, "m_coherence/<layer>"]}`` of the batch from a
+    :func:`traced_backward` result and its per-variable batch-summed data gradients;
+    under ``tf.distribute`` the sums are all-reduced, giving the global batch's values."""
+    dense = [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g) for v, g in zip(variables, data_grads)]
+    names = list(result.layer_sq)
+    layer_q = [tf.reduce_sum(result.layer_sq[n]) for n in names]
+    key_index = {var_key(v): i for i, v in enumerate(variables)}
+    batch = tf.cast(tf.shape(tf.nest.flatten(x)[0])[0], tf.float32)
+    if _replicated():
+        dense, layer_q, batch = tf.distribute.get_replica_context().all_reduce(
+            tf.distribute.ReduceOp.SUM, (dense, layer_q, batch))
+    layer_s = [tf.add_n([tf.reduce_sum(tf.square(dense[key_index[k]])) for k in result.layer_vars[n]])
+               for n in names]
+    m_coherence = tf.math.divide_no_nan(tf.add_n(layer_s), tf.add_n(layer_q))
+    logs = {"m_coherence": m_coherence, "alpha": m_coherence / batch}
+    if per_layer:
+        for n, s_, q in zip(names, layer_s, layer_q):
+            logs[f"m_coherence/{n}"] = tf.math.divide_no_nan(s_, q)
+    return logs
+
+
 def coherence_train_step(model, data, per_layer: bool = False):
     """One optimizer step on ``data`` plus the batch's coherence statistics.
 
@@ -23,7 +50,7 @@ def coherence_train_step(model, data, per_layer: bool = False):
     weights); BatchNormalization runs in training mode, so per-example quantities are
     each example's contribution to the batch gradient. Under ``tf.distribute`` the sums
     are all-reduced across replicas, giving the global batch's numbers.
-    Returns ``(logs_extra, grads_and_vars)``.
+    Returns ``(logs, y_pred, grads_and_vars)``.
     """
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     result = traced_backward(
@@ -48,29 +75,12 @@ def coherence_train_step(model, data, per_layer: bool = False):
             g = rg if g is None else tf.convert_to_tensor(g) + rg
         grads.append(g)
 
-    dense = [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g) for v, g in zip(variables, data_grads)]
-    names = list(result.layer_sq)
-    layer_q = [tf.reduce_sum(result.layer_sq[n]) for n in names]
-    key_index = {var_key(v): i for i, v in enumerate(variables)}
-    if tf.distribute.has_strategy() and tf.distribute.in_cross_replica_context() is False:
-        ctx = tf.distribute.get_replica_context()
-        dense, layer_q = ctx.all_reduce(tf.distribute.ReduceOp.SUM, (dense, layer_q))
-    layer_s = [tf.add_n([tf.reduce_sum(tf.square(dense[key_index[k]])) for k in result.layer_vars[n]])
-               for n in names]
-    total_s, total_q = tf.add_n(layer_s), tf.add_n(layer_q)
-    batch = tf.cast(tf.shape(tf.nest.flatten(x)[0])[0], tf.float32)
-    if tf.distribute.has_strategy() and tf.distribute.in_cross_replica_context() is False:
-        batch = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, batch)
-    m_coherence = tf.math.divide_no_nan(total_s, total_q)
-    logs = {"m_coherence": m_coherence, "alpha": m_coherence / batch}
-    if per_layer:
-        for n, s, q in zip(names, layer_s, layer_q):
-            logs[f"m_coherence/{n}"] = tf.math.divide_no_nan(s, q)
+    logs = coherence_logs(result, variables, x, data_grads, per_layer)
     return logs, result.y_pred, list(zip(grads, variables))
 
 
 @keras.utils.register_keras_serializable(package="keras_coherence")
-class CoherenceModel(keras.Model):
+class CoherenceModel(FunctionalWithExtras):
     """A Functional model whose ``fit`` also logs the training batch's ``m_coherence``
     and ``alpha`` on every step (at about the cost of a plain step).
 
@@ -89,6 +99,8 @@ class CoherenceModel(keras.Model):
       ['alpha', 'm_coherence']
     """
 
+    EXTRA_CONFIG = ("coherence_per_layer",)
+
     def __init__(self, *args, coherence_per_layer: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         if not is_graph_network(self):
@@ -104,25 +116,6 @@ class CoherenceModel(keras.Model):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         metrics = self.compute_metrics(x, y, y_pred, sample_weight)
         return {**metrics, **logs}
-
-    def get_config(self):
-        from tf_keras.src.engine import functional
-
-        config = functional.get_network_config(self, config={"name": self.name, "trainable": self.trainable})
-        config["coherence_per_layer"] = self.coherence_per_layer
-        return config
-
-    @classmethod
-    def from_config(cls, config, custom_objects=None):
-        from tf_keras.src.engine import functional
-
-        config = dict(config)
-        per_layer = config.pop("coherence_per_layer", False)
-        inputs, outputs, layers = functional.reconstruct_from_config(config, custom_objects)
-        model = cls(inputs=inputs, outputs=outputs, name=config.get("name"),
-                    coherence_per_layer=per_layer)
-        functional.connect_ancillary_layers(model, layers)
-        return model
 
 
 def with_coherence(model, per_layer: bool = False) -> CoherenceModel:

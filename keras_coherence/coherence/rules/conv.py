@@ -63,6 +63,28 @@ def _slice_at(xp, i, j, out_hw, strides, dilations):
               w0: w0 + (wo - 1) * strides[1] + 1: strides[1], :]
 
 
+def _kernel_per_example(xp, dz, kernel_size, strides, dilations, ste):
+    """Per-example kernel gradients ``[B, kh, kw, C, F]``."""
+    batch = tf.shape(xp)[0]
+    channels, filters = xp.shape[-1], dz.shape[-1]
+    dz_flat = tf.reshape(dz, [batch, -1, filters])
+    out_hw = _out_hw(dz)
+    per_offset = []
+    for i in range(kernel_size[0]):
+        for j in range(kernel_size[1]):
+            sl = tf.reshape(_slice_at(xp, i, j, out_hw, strides, dilations), [batch, -1, channels])
+            per_offset.append(tf.matmul(sl, dz_flat, transpose_a=True))
+    per_example = tf.reshape(tf.stack(per_offset, 1),
+                             [batch, kernel_size[0], kernel_size[1], channels, filters])
+    return per_example if ste is None else per_example * ste
+
+
+def _bias_per_example(layer, dz, grads):
+    if layer.use_bias:
+        grads[var_key(layer.bias)] = tf.reduce_sum(tf.reshape(dz, [tf.shape(dz)[0], -1, dz.shape[-1]]), 1)
+    return grads
+
+
 def _kernel_grads(xp, dz, kernel_size, strides, dilations, ste):
     """Batch-summed kernel gradient ``[kh, kw, C, F]`` and per-example squared norms."""
     batch = tf.shape(xp)[0]
@@ -147,10 +169,10 @@ class ConvRule(LayerRule):
         if layer.use_bias:
             z = tf.nn.bias_add(z, layer.bias)
         out = z[:, 0] if layer.rank == 1 else z
-        return apply_activation(layer, out), Trace(layer, self, [z], {"xp": xp, "ste": ste})
+        return apply_activation(layer, out), Trace(layer, self, [z], {"xp": xp}, {"ste": ste})
 
     def backward(self, trace, cotangents):
-        layer, xp, ste = trace.layer, trace.context["xp"], trace.context["ste"]
+        layer, xp, ste = trace.layer, trace.context["xp"], trace.static["ste"]
         dz = cotangents[0]
         ks, st, dl = _spatial_2d(layer)
         kernel_sum, sq = _kernel_grads(xp, dz, ks, st, dl, ste)
@@ -158,6 +180,14 @@ class ConvRule(LayerRule):
             kernel_sum = kernel_sum[0]
         grads = {var_key(layer.kernel): kernel_sum}
         return _with_bias(layer, sq, grads, dz)
+
+    def per_example_grads(self, trace, cotangents):
+        layer, xp, ste = trace.layer, trace.context["xp"], trace.static["ste"]
+        dz = cotangents[0]
+        kernel = _kernel_per_example(xp, dz, *_spatial_2d(layer), ste)
+        if layer.rank == 1:
+            kernel = kernel[:, 0]
+        return _bias_per_example(layer, dz, {var_key(layer.kernel): kernel})
 
 
 def _depthwise_per_example(xp, du, ks, st, dl, multiplier):
@@ -191,10 +221,10 @@ class DepthwiseConvRule(LayerRule):
         z = tf.nn.depthwise_conv2d(xp, kernel, strides=[1, *st, 1], padding="VALID", dilations=dl)
         if layer.use_bias:
             z = tf.nn.bias_add(z, layer.bias)
-        return apply_activation(layer, z), Trace(layer, self, [z], {"xp": xp, "ste": ste})
+        return apply_activation(layer, z), Trace(layer, self, [z], {"xp": xp}, {"ste": ste})
 
     def backward(self, trace, cotangents):
-        layer, xp, ste = trace.layer, trace.context["xp"], trace.context["ste"]
+        layer, xp, ste = trace.layer, trace.context["xp"], trace.static["ste"]
         dz = cotangents[0]
         ks, st, dl = _spatial_2d(layer)
         per_example = _depthwise_per_example(xp, dz, ks, st, dl, layer.depth_multiplier)
@@ -202,6 +232,15 @@ class DepthwiseConvRule(LayerRule):
             per_example = per_example * ste
         grads = {var_key(layer.depthwise_kernel): tf.reduce_sum(per_example, 0)}
         return _with_bias(layer, reduce_sq(per_example), grads, dz)
+
+    def per_example_grads(self, trace, cotangents):
+        layer, xp, ste = trace.layer, trace.context["xp"], trace.static["ste"]
+        dz = cotangents[0]
+        ks, st, dl = _spatial_2d(layer)
+        per_example = _depthwise_per_example(xp, dz, ks, st, dl, layer.depth_multiplier)
+        if ste is not None:
+            per_example = per_example * ste
+        return _bias_per_example(layer, dz, {var_key(layer.depthwise_kernel): per_example})
 
 
 @register
@@ -236,3 +275,16 @@ class SeparableConvRule(LayerRule):
                                                         layer.pointwise_kernel.shape),
         }
         return _with_bias(layer, reduce_sq(depthwise) + reduce_sq(pointwise), grads, dz)
+
+    def per_example_grads(self, trace, cotangents):
+        layer, xp, u = trace.layer, trace.context["xp"], trace.context["u"]
+        du, dz = cotangents
+        ks, st, dl = _spatial_2d(layer)
+        batch = tf.shape(u)[0]
+        pointwise = tf.matmul(tf.reshape(u, [batch, -1, u.shape[-1]]),
+                              tf.reshape(dz, [batch, -1, dz.shape[-1]]), transpose_a=True)
+        grads = {
+            var_key(layer.depthwise_kernel): _depthwise_per_example(xp, du, ks, st, dl, layer.depth_multiplier),
+            var_key(layer.pointwise_kernel): tf.reshape(pointwise, [batch, *layer.pointwise_kernel.shape]),
+        }
+        return _bias_per_example(layer, dz, grads)

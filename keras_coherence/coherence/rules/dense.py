@@ -34,11 +34,11 @@ class DenseRule(LayerRule):
             z = tf.tensordot(a, kernel, [[a.shape.rank - 1], [0]])
         if layer.use_bias:
             z = tf.nn.bias_add(z, layer.bias)
-        return apply_activation(layer, z), Trace(layer, self, [z], {"a": a, "ste": ste})
+        return apply_activation(layer, z), Trace(layer, self, [z], {"a": a}, {"ste": ste})
 
     def backward(self, trace, cotangents):
         layer = trace.layer
-        a, ste = trace.context["a"], trace.context["ste"]
+        a, ste = trace.context["a"], trace.static["ste"]
         dz = cotangents[0]
         if a.shape.rank == 2:
             kernel_sum = tf.matmul(a, dz, transpose_a=True)
@@ -75,3 +75,17 @@ class DenseRule(LayerRule):
             grads[var_key(layer.bias)] = bias_sum
             sq = sq + bias_sq
         return LayerGrads(grads, sq)
+
+    def per_example_grads(self, trace, cotangents):
+        layer, a, ste = trace.layer, trace.context["a"], trace.static["ste"]
+        dz = cotangents[0]
+        batch = tf.shape(a)[0]
+        a3 = tf.reshape(a, [batch, -1, a.shape[-1]])
+        dz3 = tf.reshape(dz, [batch, -1, dz.shape[-1]])
+        kernel = tf.matmul(a3, dz3, transpose_a=True)  # [B, in, out]
+        if ste is not None:
+            kernel = kernel * ste
+        grads = {var_key(layer.kernel): kernel}
+        if layer.use_bias:
+            grads[var_key(layer.bias)] = tf.reduce_sum(dz3, 1)
+        return grads

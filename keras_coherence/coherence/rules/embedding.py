@@ -33,3 +33,10 @@ class EmbeddingRule(LayerRule):
             tf.reshape(dz3, [-1, dim]), tf.reshape(ids2, [-1]), tf.shape(layer.embeddings)
         )
         return LayerGrads({var_key(layer.embeddings): table_grad}, sq)
+
+    def per_example_grads(self, trace, cotangents):
+        layer, ids, dz = trace.layer, trace.context["ids"], cotangents[0]
+        batch, dim = tf.shape(dz)[0], dz.shape[-1]
+        onehot = tf.one_hot(tf.reshape(ids, [batch, -1]), layer.input_dim, dtype=dz.dtype)
+        table = tf.matmul(onehot, tf.reshape(dz, [batch, -1, dim]), transpose_a=True)  # [B, V, d]
+        return {var_key(layer.embeddings): table}

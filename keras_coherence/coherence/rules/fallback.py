@@ -32,7 +32,11 @@ class FallbackRule(LayerRule):
         return out, Trace(layer, self, watched, {"args": args, "kwargs": kwargs})
 
     def per_example_grads(self, trace, cotangents):
-        """Per-example gradients ``[B, *var.shape]`` of each trainable weight."""
+        return {var_key(v): g for v, g in zip(trace.layer.trainable_weights,
+                                              self.per_example_list(trace, cotangents))}
+
+    def per_example_list(self, trace, cotangents):
+        """Per-example gradients ``[B, *var.shape]`` of each trainable weight, in order."""
         layer = trace.layer
         variables = layer.trainable_weights
         structure = (trace.context["args"], trace.context["kwargs"])
@@ -63,7 +67,7 @@ class FallbackRule(LayerRule):
         return [tf.concat(parts, 0) for parts in zip(*chunks)]
 
     def backward(self, trace, cotangents):
-        per_example = self.per_example_grads(trace, cotangents)
+        per_example = self.per_example_list(trace, cotangents)
         grads = {var_key(v): tf.reduce_sum(g, 0) for v, g in zip(trace.layer.trainable_weights, per_example)}
         sq = tf.add_n([reduce_sq(g) for g in per_example])
         return LayerGrads(grads, sq)

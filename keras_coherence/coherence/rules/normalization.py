@@ -14,7 +14,7 @@ BatchNormalization has three modes (``mode`` argument of the engine):
 """
 from keras_coherence._keras import keras, tf
 from keras_coherence.coherence.registry import (
-    LayerGrads, LayerRule, NotSupported, Trace, register, var_key,
+    LayerGrads, LayerRule, NotSupported, Trace, reduce_sq, register, var_key,
 )
 
 
@@ -30,26 +30,36 @@ def _broadcast(v, channel_axes, rank, x_shape):
     return tf.reshape(v, shape)
 
 
-def _affine_grads(layer, dz, xhat, channel_axes):
+def _affine_per_example(layer, dz, xhat, channel_axes):
+    """``{var_key: [B, *param_shape]}`` for gamma and beta."""
     rank = dz.shape.rank
     reduce_axes = [a for a in range(1, rank) if a not in channel_axes]
-    grads, sq = {}, tf.zeros([tf.shape(dz)[0]], dz.dtype)
-    param_shape = [dz.shape[a] for a in channel_axes]
-    for var, per_example in (
-        (getattr(layer, "gamma", None), dz * xhat),
-        (getattr(layer, "beta", None), dz),
-    ):
+    out = {}
+    for var, values in ((getattr(layer, "gamma", None), dz * xhat), (getattr(layer, "beta", None), dz)):
         if var is None:
             continue
-        per_example = tf.reduce_sum(per_example, reduce_axes) if reduce_axes else per_example
-        per_example = tf.reshape(per_example, [-1] + param_shape)
-        grads[var_key(var)] = tf.reshape(tf.reduce_sum(per_example, 0), var.shape)
-        sq = sq + tf.reduce_sum(tf.square(tf.reshape(per_example, [tf.shape(dz)[0], -1])), 1)
+        values = tf.reduce_sum(values, reduce_axes) if reduce_axes else values
+        out[var_key(var)] = tf.reshape(values, [-1] + list(var.shape))
+    return out
+
+
+def _affine_grads(layer, dz, xhat, channel_axes):
+    per_example = _affine_per_example(layer, dz, xhat, channel_axes)
+    grads = {k: tf.reduce_sum(g, 0) for k, g in per_example.items()}
+    sq = tf.add_n([reduce_sq(g) for g in per_example.values()]) if per_example else tf.zeros([tf.shape(dz)[0]])
     return LayerGrads(grads, sq)
 
 
+class _AffineRule(LayerRule):
+    def backward(self, trace, cotangents):
+        return _affine_grads(trace.layer, cotangents[0], trace.context["xhat"], trace.static["axes"])
+
+    def per_example_grads(self, trace, cotangents):
+        return _affine_per_example(trace.layer, cotangents[0], trace.context["xhat"], trace.static["axes"])
+
+
 @register
-class BatchNormRule(LayerRule):
+class BatchNormRule(_AffineRule):
     layer_types = (keras.layers.BatchNormalization,)
 
     def check(self, layer):
@@ -87,14 +97,12 @@ class BatchNormRule(LayerRule):
                 if beta is not None:
                     y = y + _broadcast(beta, channel_axes, rank, x_shape)
             xhat = tf.stop_gradient(xhat)
-        return y, Trace(layer, self, [y], {"xhat": xhat, "axes": channel_axes})
+        return y, Trace(layer, self, [y], {"xhat": xhat}, {"axes": channel_axes})
 
-    def backward(self, trace, cotangents):
-        return _affine_grads(trace.layer, cotangents[0], trace.context["xhat"], trace.context["axes"])
 
 
 @register
-class LayerNormRule(LayerRule):
+class LayerNormRule(_AffineRule):
     layer_types = (keras.layers.LayerNormalization,)
 
     def forward(self, layer, args, kwargs, mode):
@@ -103,7 +111,4 @@ class LayerNormRule(LayerRule):
         y = layer(x)
         mean, var = tf.nn.moments(x, channel_axes, keepdims=True)
         xhat = tf.stop_gradient((x - mean) * tf.math.rsqrt(var + layer.epsilon))
-        return y, Trace(layer, self, [y], {"xhat": xhat, "axes": channel_axes})
-
-    def backward(self, trace, cotangents):
-        return _affine_grads(trace.layer, cotangents[0], trace.context["xhat"], trace.context["axes"])
+        return y, Trace(layer, self, [y], {"xhat": xhat}, {"axes": channel_axes})

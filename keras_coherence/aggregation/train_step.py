@@ -1,0 +1,153 @@
+"""A ``train_step`` that replaces the batch gradient by an aggregator's update
+direction; ``compile``/``fit``, validation, callbacks and sample weights work as usual."""
+from __future__ import annotations
+
+from keras_coherence._functional import FunctionalWithExtras
+from keras_coherence._keras import keras, tf
+from keras_coherence.aggregation import aggregators as agg
+from keras_coherence.coherence.engine import layer_group_grads, layer_per_example_grads, traced_backward
+from keras_coherence.coherence.registry import var_key
+from keras_coherence.coherence.tracing import is_graph_network
+from keras_coherence.coherence.train_step import _reg_loss, _replicated, coherence_logs
+
+
+def _group_bounds(local_batch, groups):
+    """Contiguous groups over the *global* batch (sizes differ by at most one), as
+    ``(start, end)`` in this replica's local indices, the global group sizes, and the
+    scale from per-example gradients of Keras's loss to per-example gradients."""
+    replicas = 1
+    offset = tf.constant(0, tf.int32)
+    total = local_batch
+    if _replicated():
+        ctx = tf.distribute.get_replica_context()
+        replicas = ctx.num_replicas_in_sync
+        sizes = ctx.all_gather(tf.reshape(local_batch, [1]), axis=0)
+        total = tf.reduce_sum(sizes)
+        offset = tf.reduce_sum(sizes[: ctx.replica_id_in_sync_group])
+    base, extra = total // groups, total % groups
+    bounds, sizes = [], []
+    start = tf.constant(0, tf.int32)
+    for g in range(groups):
+        size = base + tf.cast(g < extra, tf.int32)
+        end = start + size
+        bounds.append((tf.clip_by_value(start - offset, 0, local_batch),
+                       tf.clip_by_value(end - offset, 0, local_batch)))
+        sizes.append(size)
+        start = end
+    # Keras's loss is sum(w_i * loss_i) / (local batch * replicas): undo that scale.
+    loss_scale = tf.cast(local_batch * replicas, tf.float32)
+    return bounds, sizes, loss_scale, total
+
+
+def aggregated_train_step(model, data, aggregator, report_coherence=False, per_layer=False):
+    """One step of ``model`` on ``data`` whose update direction is ``aggregator``'s.
+
+    Returns ``(logs, y_pred, grads_and_vars)``; the gradients are already combined
+    across replicas (apply them with ``skip_gradients_aggregation=True``).
+    """
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    result = traced_backward(
+        model, x, lambda y_pred: model.compute_loss(x, y, y_pred, sample_weight), "train",
+        tape_extra=lambda: _reg_loss(model))
+    variables = model.trainable_variables
+    local_batch = tf.shape(tf.nest.flatten(x)[0])[0]
+    update = {}
+    previous = []
+    if aggregator.kind == "per_example":
+        global_batch = local_batch
+        if _replicated():
+            global_batch = tf.distribute.get_replica_context().all_reduce("sum", local_batch)
+        for name in result.by_layer:
+            # One layer at a time: its per-example gradients are formed, reduced and
+            # dropped before the next layer's, so peak memory is ~ batch x largest layer.
+            with tf.control_dependencies(previous):
+                per_example = layer_per_example_grads(result, name)
+                for key, g in per_example.items():
+                    if isinstance(aggregator, agg.Winsorized):
+                        update[key] = aggregator.reduce(g, global_batch=global_batch)
+                    else:
+                        update[key] = aggregator.reduce(g)
+            previous = [update[k] for k in per_example]
+    elif aggregator.kind == "groups":
+        bounds, sizes, loss_scale, _ = _group_bounds(local_batch, aggregator.groups)
+        for name in result.by_layer:
+            sums = layer_group_grads(result, name, bounds)
+            keys = list(sums[0])
+            if _replicated():
+                sums = tf.distribute.get_replica_context().all_reduce("sum", sums)
+            for key in keys:
+                means = [s[key] * loss_scale / tf.cast(tf.maximum(n, 1), s[key].dtype)
+                         for s, n in zip(sums, sizes)]
+                update[key] = aggregator.combine(means)  # on the scale of the mean gradient
+    else:
+        raise ValueError(f"Unknown aggregator kind {aggregator.kind!r}.")
+
+    reg_grads = [None] * len(variables)
+    if result.extra is not None:
+        reg_grads = result.tape.gradient(result.extra, variables)
+        if _replicated():
+            reg_grads = [None if g is None else tf.distribute.get_replica_context().all_reduce("sum", g)
+                         for g in reg_grads]
+    grads = []
+    for v, rg in zip(variables, reg_grads):
+        g = update.get(var_key(v))
+        if rg is not None:
+            g = rg if g is None else g + rg
+        grads.append(g)
+    logs = {}
+    if report_coherence:
+        data_grads = [result.grads.get(var_key(v)) for v in variables]
+        logs = coherence_logs(result, variables, x, data_grads, per_layer)
+    return logs, result.y_pred, list(zip(grads, variables))
+
+
+@keras.utils.register_keras_serializable(package="keras_coherence")
+class AggregatedModel(FunctionalWithExtras):
+    """A Functional model trained with a robust aggregator instead of the mean gradient.
+
+    Wrap a model with :func:`with_aggregator`; then ``compile`` with any optimizer and
+    ``fit`` as usual. ``report_coherence=True`` adds the batch's ``m_coherence`` and
+    ``alpha`` to the logs.
+
+    Example:
+      >>> import numpy as np, keras_coherence as kc
+      >>> base = kc.keras.Sequential([kc.keras.layers.Dense(3, input_shape=(4,))])
+      >>> model = kc.aggregation.with_aggregator(base, "winsorized:c=2")
+      >>> model.compile("sgd", kc.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+      >>> h = model.fit(np.random.rand(32, 4), np.random.randint(0, 3, 32), batch_size=8, verbose=0)
+      >>> model.aggregator
+      Winsorized(c=2)
+    """
+
+    EXTRA_CONFIG = ("aggregator_spec", "report_coherence")
+
+    def __init__(self, *args, aggregator_spec: str = "mean", report_coherence: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not is_graph_network(self):
+            raise TypeError("AggregatedModel must be built as a Functional model: "
+                            "AggregatedModel(inputs, outputs), or use with_aggregator(model, ...).")
+        self.aggregator = agg.get(aggregator_spec)
+        self.aggregator_spec = self.aggregator.spec()
+        self.report_coherence = report_coherence
+
+    def train_step(self, data):
+        logs, y_pred, grads_and_vars = aggregated_train_step(
+            self, data, self.aggregator, self.report_coherence)
+        self.optimizer.apply_gradients([(g, v) for g, v in grads_and_vars if g is not None],
+                                       skip_gradients_aggregation=True)
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        return {**self.compute_metrics(x, y, y_pred, sample_weight), **logs}
+
+
+def with_aggregator(model, aggregator="mean", report_coherence: bool = False) -> AggregatedModel:
+    """An :class:`AggregatedModel` sharing ``model``'s layers and weights.
+
+    ``aggregator`` is an :class:`~keras_coherence.aggregation.Aggregator` or a string
+    such as ``"winsorized:c=4"`` or ``"m3"``.
+    """
+    if not is_graph_network(model):
+        raise TypeError(f"with_aggregator needs a Sequential or Functional model; {model.name!r} "
+                        "is subclassed. Rebuild it with the Functional API.")
+    aggregator = agg.get(aggregator)
+    return AggregatedModel(model.inputs, model.outputs, name=f"{model.name}_{aggregator.name}",
+                           aggregator_spec=aggregator.spec(), report_coherence=report_coherence)
