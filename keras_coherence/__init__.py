@@ -12,6 +12,7 @@ from keras_coherence import data  # noqa: E402,F401
 from keras_coherence import coherence  # noqa: E402,F401
 from keras_coherence import callbacks  # noqa: E402,F401
 from keras_coherence import aggregation  # noqa: E402,F401
+from keras_coherence import optimizers  # noqa: E402,F401
 from keras_coherence.coherence import gradient_stats, CoherenceStats  # noqa: E402,F401
 
-__all__ = ["keras", "data", "coherence", "callbacks", "aggregation", "gradient_stats", "CoherenceStats"]
+__all__ = ["keras", "data", "coherence", "callbacks", "aggregation", "optimizers", "gradient_stats", "CoherenceStats"]

@@ -1,0 +1,332 @@
+"""What does a robust aggregator cost per training step?
+
+Compares, interleaved round by round in one process, at batch 128 on random MNIST-shaped
+data (28x28x1, 10 classes), for the MLP 784-512-512-10 and the CNN of
+``coherence_overhead.py``:
+
+* ``keras-plain``    -- Keras's own train function of the compiled plain model (reference);
+* ``winsorized-cK``  -- Keras's own train function of ``with_aggregator(model, "winsorized:c=K")``
+  (c=2 by default; ``--all-c`` adds c=1 and c=4);
+* ``m3``             -- ``with_aggregator(model, "m3:groups=3")``;
+* ``rm3``            -- the plain model compiled with
+  ``keras_coherence.optimizers.RunningMedian(SGD(lr), window=3)`` (skipped, with
+  "RM3: not available", when that class does not exist).
+
+Every method has its own compiled model sharing the same layers (so all train the same
+weights) and its own SGD optimizer. Ratios are the median over rounds of the per-round
+ratio to ``keras-plain``.
+
+Before timing, one step of every timed winsorized aggregator and of M3 is checked, on a
+fresh model and a batch of 16, against numpy: per-example gradients by a
+one-example-at-a-time tape loop, then ``np.sort``-and-clip (or the median of group means);
+the script exits non-zero on a mismatch.
+
+    .venv/bin/python benchmarks/aggregation_overhead.py [--rounds N] [--models mlp,cnn] [--all-c]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, _HERE)
+if os.path.dirname(_HERE) not in sys.path:  # the package itself, when not pip-installed
+    sys.path.insert(1, os.path.dirname(_HERE))
+import _timing  # noqa: E402
+
+# method -> model -> target ratio to keras-plain
+TARGETS = {"winsorized": {"mlp": 4.0, "cnn": 3.0}, "m3": {"mlp": 1.3, "cnn": 1.3},
+           "rm3": {"mlp": 1.1, "cnn": 1.1}}
+RTOL = 1e-4
+ATOL = 1e-5  # times the largest |value| of the variable's reference
+CHECK_BATCH = 16
+MODELS = ("mlp", "cnn")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=30,
+                   help="timed rounds; every method runs once per round (default 30)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--models", default="mlp,cnn", help="comma-separated subset of mlp,cnn")
+    p.add_argument("--threads", type=int, default=1,
+                   help="intra-op and inter-op threads (default 1; 0 = TensorFlow's choice)")
+    p.add_argument("--target-ms", type=float, default=40.0,
+                   help="calls per round are chosen so that each method runs about this long "
+                        "per round (at least one call)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls per method")
+    p.add_argument("--all-c", action="store_true", help="time winsorized c=1 and c=4 too")
+    p.add_argument("--methods", default="winsorized,m3,rm3",
+                   help="comma-separated subset of winsorized,m3,rm3")
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--no-check", action="store_true", help="skip the numpy check (not advised)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    bad = [m for m in args.models if m not in MODELS]
+    if bad:
+        p.error(f"unknown model(s) {bad}; choose from {MODELS}")
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in args.methods if m not in TARGETS]
+    if bad:
+        p.error(f"unknown method(s) {bad}; choose from {tuple(TARGETS)}")
+    if args.rounds < 1:
+        p.error("--rounds must be >= 1")
+    args.cs = [1, 2, 4] if args.all_c else [2]
+    return args
+
+
+ARGS = parse_args()
+
+# The thread pools are created by the first op: set them before anything else runs.
+from keras_coherence._keras import keras, tf  # noqa: E402
+
+try:
+    tf.config.threading.set_intra_op_parallelism_threads(ARGS.threads)
+    tf.config.threading.set_inter_op_parallelism_threads(ARGS.threads)
+except RuntimeError as err:  # pragma: no cover - only if an import ran an op
+    sys.exit(f"could not set the thread pools ({err}): an op ran before the benchmark set them")
+
+import numpy as np  # noqa: E402
+
+from keras_coherence.aggregation import aggregated_train_step, get, with_aggregator  # noqa: E402
+from keras_coherence.coherence.registry import rule_for  # noqa: E402
+
+try:
+    from keras_coherence.optimizers import RunningMedian
+except ImportError:  # being written elsewhere; the benchmark runs without it
+    RunningMedian = None
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- models
+
+def build(name):
+    """The models of coherence_overhead.py."""
+    inputs = keras.Input((28, 28, 1))
+    if name == "mlp":
+        h = keras.layers.Flatten()(inputs)
+        h = keras.layers.Dense(512, activation="relu")(h)
+        h = keras.layers.Dense(512, activation="relu")(h)
+    else:
+        h = keras.layers.Conv2D(32, 3, activation="relu")(inputs)
+        h = keras.layers.MaxPooling2D()(h)
+        h = keras.layers.Conv2D(64, 3, activation="relu")(h)
+        h = keras.layers.MaxPooling2D()(h)
+        h = keras.layers.Flatten()(h)
+        h = keras.layers.Dense(128, activation="relu")(h)
+    outputs = keras.layers.Dense(10)(h)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def loss_obj(**kw):
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True, **kw)
+
+
+def sgd(lr):
+    return keras.optimizers.SGD(learning_rate=lr)
+
+
+def require_rules(model):
+    """Fail loudly if a layer would take the slow generic fallback."""
+    for layer in model.layers:
+        if layer.trainable_weights:
+            rule, reason = rule_for(layer)
+            if rule is None:
+                raise SystemExit(f"layer {layer.name} has no per-layer rule ({reason})")
+
+
+def keras_step(model, data):
+    fn = model.make_train_function()
+    iterator = iter(data)
+    return lambda: fn(iterator)
+
+
+# ----------------------------------------------------------------------------- check
+
+def loop_per_example_grads(model, x, y):
+    """``[n, *var.shape]`` float64 per variable: gradients of each example's term of
+    Keras's mean loss (loss_i / n), one example at a time."""
+    loss = loss_obj()
+    n = int(x.shape[0])
+    rows = []
+    for i in range(n):
+        with tf.GradientTape() as tape:
+            li = loss(y[i:i + 1], model(x[i:i + 1], training=True))
+        rows.append([g.numpy().astype(np.float64) / n
+                     for g in tape.gradient(li, model.trainable_variables)])
+    return [np.stack(gs) for gs in zip(*rows)]
+
+
+def np_winsorized(g, c):
+    """Sort each coordinate over examples, clip the c extremes on each side, sum."""
+    s = np.sort(g, axis=0)
+    return np.clip(g, s[c], s[len(g) - 1 - c]).sum(0)
+
+
+def check(name, specs, seed, lr):
+    """One step of each aggregator in ``specs`` against numpy on a fresh model and a
+    batch of CHECK_BATCH; exits non-zero on a mismatch.
+
+    Two comparisons per aggregator: the update direction of ``aggregated_train_step``
+    (what the train step hands the optimizer) element by element, with tolerance
+    ``RTOL * |ref| + ATOL * max|ref|`` per variable (the second term covers float32
+    rounding: the loop's one-example forward passes round differently from the batch's,
+    which shows in coordinates near zero; observed <= 5e-7 of the maximum); and the weight change of one step of Keras's train function of
+    ``with_aggregator(...)`` with SGD, ``(before - after) / lr``, against the same
+    reference in relative norm.
+    """
+    keras.utils.set_random_seed(seed)
+    base = build(name)
+    x = tf.random.uniform((CHECK_BATCH, 28, 28, 1), seed=seed)
+    y = tf.random.uniform((CHECK_BATCH,), maxval=10, dtype=tf.int32, seed=seed + 1)
+    g = loop_per_example_grads(base, x, y)  # of the mean loss: their sum is the gradient
+    failed = False
+    for spec in specs:
+        aggregator = get(spec)
+        if aggregator.name == "winsorized":
+            ref = [np_winsorized(gi, aggregator.c) for gi in g]
+        else:  # m3: the median of the group means, on the scale of the mean gradient
+            parts = np.array_split(np.arange(CHECK_BATCH), aggregator.groups)
+            ref = [np.median(np.stack([gi[idx].sum(0) * CHECK_BATCH / len(idx) for idx in parts]), 0)
+                   for gi in g]
+        model = with_aggregator(base, spec)
+        model.compile(optimizer=sgd(lr), loss=loss_obj())
+        step = tf.function(lambda x, y: [gv[0] for gv in aggregated_train_step(model, (x, y), aggregator)[2]])
+        out = [t.numpy().astype(np.float64) for t in step(x, y)]
+        worst = 0.0
+        for o, r in zip(out, ref):  # error in units of the tolerance: ok when <= 1
+            tol = RTOL * np.abs(r) + ATOL * np.max(np.abs(r)) + 1e-30
+            worst = max(worst, float(np.max(np.abs(o - r) / tol)))
+        before = [v.numpy().astype(np.float64) for v in base.trainable_variables]
+        model.make_train_function()(iter(tf.data.Dataset.from_tensors((x, y)).repeat()))
+        after = [v.numpy().astype(np.float64) for v in base.trainable_variables]
+        for v, w in zip(base.trainable_variables, before):  # undo the step
+            v.assign(w)
+        num = sum(float(np.sum(((b - a) / lr - r) ** 2)) for b, a, r in zip(before, after, ref))
+        den = sum(float(np.sum(r ** 2)) for r in ref)
+        step_err = (num / den) ** 0.5
+        ok = worst <= 1 and step_err <= 10 * RTOL
+        failed |= not ok
+        print(f"[check {name}] {spec}, batch {CHECK_BATCH}: update direction vs numpy, worst "
+              f"error {worst:.2f} x tolerance (rtol {RTOL:g}, atol {ATOL:g} x max); one SGD step of the train function, "
+              f"rel. error {step_err:.1e} (tol {10 * RTOL:g}): {'ok' if ok else 'FAIL'}")
+    if failed:
+        raise SystemExit(f"CHECK FAILED for {name}: an aggregator does not match numpy; "
+                         "refusing to time it.")
+
+
+# ----------------------------------------------------------------------------- timing
+
+def run_model(name, args, seed):
+    specs = []
+    if "winsorized" in args.methods:
+        specs += [f"winsorized:c={c}" for c in args.cs]
+    if "m3" in args.methods:
+        specs.append("m3:groups=3")
+    if not args.no_check:
+        check(name, specs, seed + 7, args.lr)
+
+    keras.utils.set_random_seed(seed)
+    b = args.batch_size
+    x = tf.random.uniform((b, 28, 28, 1), seed=seed)
+    y = tf.random.uniform((b,), maxval=10, dtype=tf.int32, seed=seed + 1)
+    data = tf.data.Dataset.from_tensors((x, y)).repeat()
+
+    model = build(name)
+    model.compile(optimizer=sgd(args.lr), loss=loss_obj())
+    require_rules(model)
+    n_params = sum(int(tf.size(v)) for v in model.trainable_variables)
+    log(f"[{name}] {n_params:,} parameters")
+
+    methods = [("keras-plain", keras_step(model, data), None)]
+    for spec in specs:
+        agg_model = with_aggregator(model, spec)
+        agg_model.compile(optimizer=sgd(args.lr), loss=loss_obj())
+        label = f"winsorized-c{get(spec).c}" if spec.startswith("winsorized") else "m3"
+        methods.append((label, keras_step(agg_model, data), "keras-plain"))
+    if "rm3" in args.methods:
+        if RunningMedian is None:
+            print("RM3: not available (keras_coherence.optimizers.RunningMedian does not exist yet)")
+        else:
+            rm_model = keras.Model(model.inputs, model.outputs, name=f"{name}_rm3")
+            rm_model.compile(optimizer=RunningMedian(sgd(args.lr), window=3), loss=loss_obj())
+            methods.append(("rm3", keras_step(rm_model, data), "keras-plain"))
+    return run_methods(name, methods, args)
+
+
+def run_methods(name, methods, args):
+    timed = []
+    for mname, fn, _ in methods:
+        t0 = time.perf_counter()
+        for _ in range(args.warmup):
+            _timing.block(fn())
+        first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        _timing.block(fn())
+        one = (time.perf_counter() - t0) * 1e3
+        repeat = max(1, round(args.target_ms / max(one, 1e-3)))
+        log(f"[{name}] {mname}: warm-up {first:.1f} s, ~{one:.1f} ms/call, {repeat} call(s)/round")
+        timed.append(_timing.Method(mname, fn, repeat))
+    t0 = time.perf_counter()
+    samples = _timing.interleaved(timed, args.rounds, warmup=0)
+    log(f"[{name}] {args.rounds} rounds in {time.perf_counter() - t0:.1f} s")
+    return samples, {m: ref for m, _, ref in methods if ref is not None}
+
+
+def target_of(method, model):
+    family = "winsorized" if method.startswith("winsorized") else method
+    return TARGETS.get(family, {}).get(model)
+
+
+def main(args):
+    t_start = time.perf_counter()
+    load0 = os.getloadavg()
+    print(f"aggregation overhead benchmark: TF {tf.__version__}, tf_keras {keras.__version__}, "
+          f"Python {platform.python_version()}, {os.cpu_count()} CPUs, "
+          f"intra/inter-op threads {tf.config.threading.get_intra_op_parallelism_threads()}/"
+          f"{tf.config.threading.get_inter_op_parallelism_threads()}, batch {args.batch_size}, "
+          f"{args.rounds} rounds, load average {load0[0]:.2f}")
+    rows, md_rows, verdicts = [], [], []
+    for i, name in enumerate(args.models):
+        samples, refs = run_model(name, args, args.seed + 100 * i)
+        summary = _timing.summarize(samples, refs)
+        for s in summary.values():
+            spread = "" if s.ratio is None else f"{s.ratio_q25:.2f}-{s.ratio_q75:.2f}"
+            target = target_of(s.name, name)
+            ratio = "" if s.ratio is None else f"{s.ratio:.2f}x"
+            rows.append([name, s.name, f"{s.median_ms:.2f}", f"{s.q25_ms:.2f}-{s.q75_ms:.2f}",
+                         ratio, spread, "" if target is None else f"<= {target}x"])
+            md_ratio = "1" if s.ratio is None else f"**{s.ratio:.2f}x**"
+            if target is not None:
+                md_ratio += f" (target <= {target}x)"
+            md_rows.append([name.upper(), f"`{s.name}`", f"{s.median_ms:.2f}", md_ratio])
+            if s.ratio is not None and target is not None:
+                verdicts.append(f"{name}: {s.name} {s.ratio:.2f}x keras-plain (target <= {target}x): "
+                                f"{'MET' if s.ratio <= target else 'MISSED'}")
+
+    load1 = os.getloadavg()
+    print()
+    print(_timing.text_table(
+        ["model", "method", "median ms/step", "IQR ms", "ratio", "ratio IQR", "target"], rows))
+    print()
+    for v in verdicts:
+        print(v)
+    print(f"\nload average {load0[0]:.2f} at start, {load1[0]:.2f} at end; "
+          f"{time.perf_counter() - t_start:.0f} s in all")
+    print("\nMarkdown (docs/benchmarks.md):\n")
+    print(f"Batch {args.batch_size}, random 28x28x1 inputs, 10 classes, SGD; TF {tf.__version__} on CPU, "
+          f"{args.threads} thread(s); median over {args.rounds} interleaved rounds; ratio = median "
+          "of the per-round ratios to `keras-plain`.\n")
+    print(_timing.markdown_table(["model", "method", "median ms/step", "ratio"], md_rows))
+
+
+if __name__ == "__main__":
+    main(ARGS)
