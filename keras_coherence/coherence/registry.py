@@ -72,7 +72,13 @@ class LayerRule:
         raise NotImplementedError
 
     def backward(self, trace: Trace, cotangents: List[tf.Tensor]) -> LayerGrads:
-        raise NotImplementedError
+        """Batch-summed gradients and per-example squared norms. The default derives
+        them from :meth:`per_example_grads`; rules with a cheaper "ghost" form (Dense,
+        convolutions, Embedding) override it."""
+        per_example = self.per_example_grads(trace, cotangents)
+        grads = {key: tf.reduce_sum(g, 0) for key, g in per_example.items()}
+        sq = tf.add_n([reduce_sq(g) for g in per_example.values()])
+        return LayerGrads(grads, sq)
 
     def per_example_grads(self, trace: Trace, cotangents: List[tf.Tensor]) -> Dict[int, tf.Tensor]:
         """Explicit per-example gradients ``{var_key: [B, *var.shape]}`` of the layer's

@@ -223,16 +223,6 @@ class DepthwiseConvRule(LayerRule):
             z = tf.nn.bias_add(z, layer.bias)
         return apply_activation(layer, z), Trace(layer, self, [z], {"xp": xp}, {"ste": ste})
 
-    def backward(self, trace, cotangents):
-        layer, xp, ste = trace.layer, trace.context["xp"], trace.static["ste"]
-        dz = cotangents[0]
-        ks, st, dl = _spatial_2d(layer)
-        per_example = _depthwise_per_example(xp, dz, ks, st, dl, layer.depth_multiplier)
-        if ste is not None:
-            per_example = per_example * ste
-        grads = {var_key(layer.depthwise_kernel): tf.reduce_sum(per_example, 0)}
-        return _with_bias(layer, reduce_sq(per_example), grads, dz)
-
     def per_example_grads(self, trace, cotangents):
         layer, xp, ste = trace.layer, trace.context["xp"], trace.static["ste"]
         dz = cotangents[0]
@@ -260,21 +250,6 @@ class SeparableConvRule(LayerRule):
         if layer.use_bias:
             z = tf.nn.bias_add(z, layer.bias)
         return apply_activation(layer, z), Trace(layer, self, [u, z], {"xp": xp, "u": u})
-
-    def backward(self, trace, cotangents):
-        layer, xp, u = trace.layer, trace.context["xp"], trace.context["u"]
-        du, dz = cotangents
-        ks, st, dl = _spatial_2d(layer)
-        depthwise = _depthwise_per_example(xp, du, ks, st, dl, layer.depth_multiplier)
-        batch = tf.shape(u)[0]
-        pointwise = tf.matmul(tf.reshape(u, [batch, -1, u.shape[-1]]),
-                              tf.reshape(dz, [batch, -1, dz.shape[-1]]), transpose_a=True)
-        grads = {
-            var_key(layer.depthwise_kernel): tf.reduce_sum(depthwise, 0),
-            var_key(layer.pointwise_kernel): tf.reshape(tf.reduce_sum(pointwise, 0),
-                                                        layer.pointwise_kernel.shape),
-        }
-        return _with_bias(layer, reduce_sq(depthwise) + reduce_sq(pointwise), grads, dz)
 
     def per_example_grads(self, trace, cotangents):
         layer, xp, u = trace.layer, trace.context["xp"], trace.context["u"]

@@ -11,7 +11,7 @@ the per-example VJPs disagree with the batch gradient; the engine checks that su
 and raises rather than report a wrong number.
 """
 from keras_coherence._keras import tf
-from keras_coherence.coherence.registry import LayerGrads, LayerRule, Trace, reduce_sq, var_key
+from keras_coherence.coherence.registry import LayerRule, Trace, var_key
 
 DEFAULT_CHUNK = 64
 
@@ -65,12 +65,6 @@ class FallbackRule(LayerRule):
             chunks.append(tf.vectorized_map(
                 one_example, ([t[start:end] for t in inputs], [c[start:end] for c in cotangents])))
         return [tf.concat(parts, 0) for parts in zip(*chunks)]
-
-    def backward(self, trace, cotangents):
-        per_example = self.per_example_list(trace, cotangents)
-        grads = {var_key(v): tf.reduce_sum(g, 0) for v, g in zip(trace.layer.trainable_weights, per_example)}
-        sq = tf.add_n([reduce_sq(g) for g in per_example])
-        return LayerGrads(grads, sq)
 
 
 FALLBACK = FallbackRule()

@@ -14,7 +14,7 @@ BatchNormalization has three modes (``mode`` argument of the engine):
 """
 from keras_coherence._keras import keras, tf
 from keras_coherence.coherence.registry import (
-    LayerGrads, LayerRule, NotSupported, Trace, reduce_sq, register, var_key,
+    LayerRule, NotSupported, Trace, register, var_key,
 )
 
 
@@ -43,17 +43,7 @@ def _affine_per_example(layer, dz, xhat, channel_axes):
     return out
 
 
-def _affine_grads(layer, dz, xhat, channel_axes):
-    per_example = _affine_per_example(layer, dz, xhat, channel_axes)
-    grads = {k: tf.reduce_sum(g, 0) for k, g in per_example.items()}
-    sq = tf.add_n([reduce_sq(g) for g in per_example.values()]) if per_example else tf.zeros([tf.shape(dz)[0]])
-    return LayerGrads(grads, sq)
-
-
 class _AffineRule(LayerRule):
-    def backward(self, trace, cotangents):
-        return _affine_grads(trace.layer, cotangents[0], trace.context["xhat"], trace.static["axes"])
-
     def per_example_grads(self, trace, cotangents):
         return _affine_per_example(trace.layer, cotangents[0], trace.context["xhat"], trace.static["axes"])
 
