@@ -46,13 +46,18 @@ class Method:
 
 
 def interleaved(methods: Sequence[Method], rounds: int, warmup: int = 2,
-                progress: Optional[Callable[[int], None]] = None) -> Dict[str, List[float]]:
+                progress: Optional[Callable[[int], None]] = None,
+                cpu: Optional[Dict[str, List[float]]] = None) -> Dict[str, List[float]]:
     """Time ``methods`` round by round; returns name -> per-round ms per call.
 
     Round ``r`` runs the methods starting at index ``r mod n`` (so each method runs
     first, second, ... equally often). ``warmup`` untimed calls of each method come
     first (tracing, allocator growth). The garbage collector is off while timing and
     runs between rounds.
+
+    ``cpu``, when given, is filled the same way with the process's CPU time (all its
+    threads) per call: on a machine shared with other jobs, waiting for a core inflates
+    wall time but not CPU time.
     """
     names = [m.name for m in methods]
     if len(set(names)) != len(names):
@@ -68,10 +73,13 @@ def interleaved(methods: Sequence[Method], rounds: int, warmup: int = 2,
             gc.disable()
             start = r % len(methods)
             for m in list(methods[start:]) + list(methods[:start]):
+                c0 = time.process_time()
                 t0 = time.perf_counter()
                 for _ in range(m.repeat):
                     block(m.fn())
                 samples[m.name].append((time.perf_counter() - t0) * 1e3 / m.repeat)
+                if cpu is not None:
+                    cpu.setdefault(m.name, []).append((time.process_time() - c0) * 1e3 / m.repeat)
             if gc_was_enabled:
                 gc.enable()
             if progress is not None:

@@ -14,7 +14,12 @@ data (28x28x1, 10 classes), for the MLP 784-512-512-10 and the CNN of
 
 Every method has its own compiled model sharing the same layers (so all train the same
 weights) and its own SGD optimizer. Ratios are the median over rounds of the per-round
-ratio to ``keras-plain``.
+ratio to ``keras-plain``, in wall time and (column ``cpu ratio``) in the process's CPU
+time, which waiting for a core on a shared machine does not inflate.
+
+The batches come from ``Dataset.from_tensors``, so the train functions see a static batch
+size (as in ``coherence_overhead.py``); ``--dynamic-batch`` feeds them batches of unknown
+size, as ``fit`` on arrays does (winsorization then dispatches on the size at run time).
 
 Before timing, one step of every timed winsorized aggregator and of M3 is checked, on a
 fresh model and a batch of 16, against numpy: per-example gradients by a
@@ -62,6 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--all-c", action="store_true", help="time winsorized c=1 and c=4 too")
     p.add_argument("--methods", default="winsorized,m3,rm3",
                    help="comma-separated subset of winsorized,m3,rm3")
+    p.add_argument("--dynamic-batch", action="store_true",
+                   help="batches of statically unknown size, as fit() on arrays gives")
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--no-check", action="store_true", help="skip the numpy check (not advised)")
     p.add_argument("--seed", type=int, default=0)
@@ -238,7 +245,10 @@ def run_model(name, args, seed):
     b = args.batch_size
     x = tf.random.uniform((b, 28, 28, 1), seed=seed)
     y = tf.random.uniform((b,), maxval=10, dtype=tf.int32, seed=seed + 1)
-    data = tf.data.Dataset.from_tensors((x, y)).repeat()
+    if args.dynamic_batch:
+        data = tf.data.Dataset.from_tensor_slices((x, y)).batch(b).repeat()
+    else:
+        data = tf.data.Dataset.from_tensors((x, y)).repeat()
 
     model = build(name)
     model.compile(optimizer=sgd(args.lr), loss=loss_obj())
@@ -276,9 +286,10 @@ def run_methods(name, methods, args):
         log(f"[{name}] {mname}: warm-up {first:.1f} s, ~{one:.1f} ms/call, {repeat} call(s)/round")
         timed.append(_timing.Method(mname, fn, repeat))
     t0 = time.perf_counter()
-    samples = _timing.interleaved(timed, args.rounds, warmup=0)
+    cpu = {}
+    samples = _timing.interleaved(timed, args.rounds, warmup=0, cpu=cpu)
     log(f"[{name}] {args.rounds} rounds in {time.perf_counter() - t0:.1f} s")
-    return samples, {m: ref for m, _, ref in methods if ref is not None}
+    return samples, cpu, {m: ref for m, _, ref in methods if ref is not None}
 
 
 def target_of(method, model):
@@ -296,18 +307,23 @@ def main(args):
           f"{args.rounds} rounds, load average {load0[0]:.2f}")
     rows, md_rows, verdicts = [], [], []
     for i, name in enumerate(args.models):
-        samples, refs = run_model(name, args, args.seed + 100 * i)
+        samples, cpu, refs = run_model(name, args, args.seed + 100 * i)
         summary = _timing.summarize(samples, refs)
+        cpu_summary = _timing.summarize(cpu, refs)
         for s in summary.values():
             spread = "" if s.ratio is None else f"{s.ratio_q25:.2f}-{s.ratio_q75:.2f}"
             target = target_of(s.name, name)
             ratio = "" if s.ratio is None else f"{s.ratio:.2f}x"
+            c = cpu_summary[s.name]
+            cpu_ratio = "" if c.ratio is None else f"{c.ratio:.2f}x"
             rows.append([name, s.name, f"{s.median_ms:.2f}", f"{s.q25_ms:.2f}-{s.q75_ms:.2f}",
-                         ratio, spread, "" if target is None else f"<= {target}x"])
+                         ratio, spread, f"{c.median_ms:.2f}", cpu_ratio,
+                         "" if target is None else f"<= {target}x"])
             md_ratio = "1" if s.ratio is None else f"**{s.ratio:.2f}x**"
             if target is not None:
                 md_ratio += f" (target <= {target}x)"
-            md_rows.append([name.upper(), f"`{s.name}`", f"{s.median_ms:.2f}", md_ratio])
+            md_rows.append([name.upper(), f"`{s.name}`", f"{s.median_ms:.2f}", md_ratio,
+                            "1" if c.ratio is None else f"{c.ratio:.2f}x"])
             if s.ratio is not None and target is not None:
                 verdicts.append(f"{name}: {s.name} {s.ratio:.2f}x keras-plain (target <= {target}x): "
                                 f"{'MET' if s.ratio <= target else 'MISSED'}")
@@ -315,17 +331,19 @@ def main(args):
     load1 = os.getloadavg()
     print()
     print(_timing.text_table(
-        ["model", "method", "median ms/step", "IQR ms", "ratio", "ratio IQR", "target"], rows))
+        ["model", "method", "median ms/step", "IQR ms", "ratio", "ratio IQR", "cpu ms/step",
+         "cpu ratio", "target"], rows))
     print()
     for v in verdicts:
         print(v)
     print(f"\nload average {load0[0]:.2f} at start, {load1[0]:.2f} at end; "
           f"{time.perf_counter() - t_start:.0f} s in all")
     print("\nMarkdown (docs/benchmarks.md):\n")
-    print(f"Batch {args.batch_size}, random 28x28x1 inputs, 10 classes, SGD; TF {tf.__version__} on CPU, "
-          f"{args.threads} thread(s); median over {args.rounds} interleaved rounds; ratio = median "
-          "of the per-round ratios to `keras-plain`.\n")
-    print(_timing.markdown_table(["model", "method", "median ms/step", "ratio"], md_rows))
+    print(f"Batch {args.batch_size} ({'dynamic' if args.dynamic_batch else 'static'} batch shape), random "
+          f"28x28x1 inputs, 10 classes, SGD; TF {tf.__version__} on CPU, {args.threads} thread(s); median "
+          f"over {args.rounds} interleaved rounds; ratio = median of the per-round ratios to `keras-plain` "
+          "(wall time; CPU ratio: the same in process CPU time).\n")
+    print(_timing.markdown_table(["model", "method", "median ms/step", "ratio", "CPU ratio"], md_rows))
 
 
 if __name__ == "__main__":

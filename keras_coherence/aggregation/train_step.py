@@ -7,6 +7,7 @@ from keras_coherence._keras import keras, tf
 from keras_coherence.aggregation import aggregators as agg
 from keras_coherence.coherence.engine import layer_group_grads, layer_per_example_grads, traced_backward
 from keras_coherence.coherence.registry import var_key
+from keras_coherence.coherence.rules.dense import DenseRule
 from keras_coherence.coherence.tracing import is_graph_network
 from keras_coherence.coherence.train_step import _reg_loss, _replicated, coherence_logs
 
@@ -39,6 +40,20 @@ def _group_bounds(local_batch, groups):
     return bounds, sizes, loss_scale, total
 
 
+def _outer_factors(result, name):
+    """``{kernel key: (a, dz)}`` when the layer's per-example kernel gradients are the
+    outer products ``a_i (outer) dz_i`` (one call of a Dense layer on ``[batch, in]``
+    inputs, no kernel quantizer): :meth:`Winsorized.reduce_outer` then never forms them."""
+    traces = result.by_layer[name]
+    trace = traces[0]
+    if len(traces) != 1 or not isinstance(trace.rule, DenseRule):
+        return {}
+    a = trace.context.get("a")
+    if a is None or a.shape.rank != 2 or trace.static.get("ste") is not None:
+        return {}
+    return {var_key(trace.layer.kernel): (a, result.cotangents[id(trace)][0])}
+
+
 def aggregated_train_step(model, data, aggregator, report_coherence=False, per_layer=False):
     """One step of ``model`` on ``data`` whose update direction is ``aggregator``'s.
 
@@ -62,8 +77,11 @@ def aggregated_train_step(model, data, aggregator, report_coherence=False, per_l
             # dropped before the next layer's, so peak memory is ~ batch x largest layer.
             with tf.control_dependencies(previous):
                 per_example = layer_per_example_grads(result, name)
+                outer = _outer_factors(result, name) if isinstance(aggregator, agg.Winsorized) else {}
                 for key, g in per_example.items():
-                    if isinstance(aggregator, agg.Winsorized):
+                    if key in outer:  # unused per-example kernel gradients are pruned from the graph
+                        update[key] = aggregator.reduce_outer(*outer[key], global_batch=global_batch)
+                    elif isinstance(aggregator, agg.Winsorized):
                         update[key] = aggregator.reduce(g, global_batch=global_batch)
                     else:
                         update[key] = aggregator.reduce(g)
