@@ -4,6 +4,18 @@
 ("learned_po2") are Keras layers; ``get`` / ``serialize`` / ``deserialize`` resolve
 them like Keras activations. ``TFMOTQuantizer`` (imported on first use, it pulls in
 tfmot) runs any of them inside tfmot quantization-aware training.
+
+Quantization-aware training and integer export (``qat``, ``export``, ``folding``;
+imported on first use):
+
+* ``quantize_model(model, bits=4, method="msqe", per_channel=True,
+  fold_batchnorm=True, activation_bits=8)``: a tfmot QAT model with PO2 weight
+  quantizers (``PO2QuantizeConfig`` / ``PO2KernelQuantizer``) and BN folded into
+  the convolutions (``fold_batchnorm``, ``FoldedConv2D``, ``FoldedDepthwiseConv2D``);
+* ``to_tflite(model)``: integer TFLite bytes whose weight scales are exact powers of
+  two with zero point 0; ``integer_weights(model)``: the same integers and exponents
+  per layer (``IntegerKernel``); ``freeze_quantizers``, ``quantize_scope``,
+  ``tflite_kernels``, ``run_tflite``.
 """
 from keras_coherence.quantization.base import PO2Quantizer
 from keras_coherence.quantization.quantizers import (
@@ -26,12 +38,45 @@ __all__ = [
     "get",
     "serialize",
     "deserialize",
+    "FoldedConv2D",
+    "FoldedDepthwiseConv2D",
+    "fold_batchnorm",
+    "quantize_model",
+    "quantize_scope",
+    "PO2QuantizeConfig",
+    "PO2KernelQuantizer",
+    "freeze_quantizers",
+    "unfreeze_quantizers",
+    "to_tflite",
+    "integer_weights",
+    "IntegerKernel",
+    "tflite_kernels",
+    "run_tflite",
 ]
+
+_LAZY = {
+    "TFMOTQuantizer": "tfmot_adapter",
+    "FoldedConv2D": "folding",
+    "FoldedDepthwiseConv2D": "folding",
+    "fold_batchnorm": "folding",
+    "quantize_model": "qat",
+    "quantize_scope": "qat",
+    "PO2QuantizeConfig": "qat",
+    "PO2KernelQuantizer": "qat",
+    "freeze_quantizers": "qat",
+    "unfreeze_quantizers": "qat",
+    "to_tflite": "export",
+    "integer_weights": "export",
+    "IntegerKernel": "export",
+    "tflite_kernels": "export",
+    "run_tflite": "export",
+}
 
 
 def __getattr__(name):
-    if name == "TFMOTQuantizer":
-        from keras_coherence.quantization.tfmot_adapter import TFMOTQuantizer
+    module = _LAZY.get(name)
+    if module is not None:
+        import importlib
 
-        return TFMOTQuantizer
+        return getattr(importlib.import_module(f"{__name__}.{module}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

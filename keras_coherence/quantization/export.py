@@ -1,0 +1,282 @@
+"""Integer export of PO2 QAT models (``quantize_model``): TFLite and raw integer weights.
+
+* ``to_tflite(model)`` freezes the PO2 quantizers and converts the QAT model into a
+  fully integer TFLite flatbuffer (int8 kernels; float input/output with
+  QUANTIZE/DEQUANTIZE at the edges). Every PO2-quantized weight tensor then has a
+  power-of-two scale per channel (Conv2D, DepthwiseConv2D) or per tensor (Dense),
+  zero point 0, and integer values within ``±(2**(bits-1) - 1)`` (sub-8-bit weights
+  live in the int8 container; TF 2.21 packs 4-bit ones as INT4 in the file).
+* ``integer_weights(model)`` gives the same integers and exponents per layer, for
+  hardware that is not TFLite.
+* ``tflite_kernels`` / ``run_tflite`` read a TFLite file back with LiteRT
+  (``ai_edge_litert``).
+"""
+import contextlib
+import dataclasses
+
+import numpy as np
+
+from keras_coherence._keras import keras, tf  # noqa: F401  (keras for doctests)
+from keras_coherence.quantization import qat
+
+__all__ = ["IntegerKernel", "integer_weights", "to_tflite", "tflite_kernels", "run_tflite"]
+
+_KINDS = {"dense": "dense", "conv": "conv2d", "depthwise": "depthwise_conv2d"}
+_TFLITE_OPS = {"CONV_2D": "conv2d", "DEPTHWISE_CONV_2D": "depthwise_conv2d", "FULLY_CONNECTED": "dense"}
+
+
+@dataclasses.dataclass
+class IntegerKernel:
+    """A PO2-quantized kernel: ``kernel = codes * 2**exponents`` (broadcast per channel).
+
+    Attributes:
+        name: the Keras layer name (a folded layer has its convolution's name).
+        kind: ``"dense"``, ``"conv2d"`` or ``"depthwise_conv2d"``.
+        codes: int8 codes in the Keras kernel layout (``[in, out]``, HWIO,
+            ``[kh, kw, C, M]``), within ``±(2**(bits-1) - 1)``.
+        exponents: int32, one per output channel (``per_channel``) or ``[e]``.
+        bits: weight bits.
+        per_channel: whether ``exponents`` has one entry per output channel.
+        bias: float32 effective bias (a folded layer's folded bias), or None.
+        folded: whether the kernel is a BN-folded kernel ``W * gamma / sqrt(var + eps)``.
+    """
+
+    name: str
+    kind: str
+    codes: np.ndarray
+    exponents: np.ndarray
+    bits: int
+    per_channel: bool
+    bias: object
+    folded: bool
+
+    @property
+    def scales(self):
+        """``2.0 ** exponents`` (float32, exact)."""
+        return np.ldexp(np.float32(1.0), self.exponents).astype(np.float32)
+
+    def _channel_scales(self):
+        if self.kind == "depthwise_conv2d":
+            return self.scales.reshape(self.codes.shape[2], self.codes.shape[3]) if self.per_channel else self.scales
+        return self.scales
+
+    def dequantized(self):
+        """The float kernel ``codes * scale`` in the Keras layout (exact)."""
+        return self.codes.astype(np.float32) * self._channel_scales()
+
+    def tflite_layout(self):
+        """``codes`` as TFLite stores the weights: FC ``[out, in]``, conv OHWI,
+        depthwise ``[1, kh, kw, C*M]`` (the per-channel axis is 0, 0 and 3)."""
+        if self.kind == "dense":
+            return self.codes.T
+        if self.kind == "conv2d":
+            return np.transpose(self.codes, (3, 0, 1, 2))
+        kh, kw, c, m = self.codes.shape
+        return self.codes.reshape(1, kh, kw, c * m)
+
+
+def _qat_kernels(model):
+    kernels = qat.quantized_kernels(model)
+    if not kernels:
+        raise ValueError(
+            f"{model.name!r} has no PO2 kernel quantizers; build it with keras_coherence.quantization.quantize_model"
+        )
+    return kernels
+
+
+def integer_weights(model):
+    """``{layer name: IntegerKernel}`` for every PO2-quantized kernel of a QAT model.
+
+    Freezes the quantizers first (``freeze_quantizers``, as ``to_tflite`` does), so
+    the integers are exactly the ones the exported model and the Keras inference
+    graph use.
+    """
+    kernels = _qat_kernels(model)
+    qat.freeze_quantizers(model)
+    out = {}
+    for k in kernels:
+        q, shape = k.quantizer, tuple(k.weight.shape)
+        codes = q.integer_codes(k.weight, k.state).numpy().reshape(shape).astype(np.int8)
+        exponents = q.exponent(k.state).numpy().reshape(-1).astype(np.int32)
+        layer = k.layer
+        if q.folded:
+            bias = layer.folded_bias().numpy()
+        else:
+            bias = layer.bias.numpy() if getattr(layer, "use_bias", False) else None
+        out[k.name] = IntegerKernel(
+            name=k.name,
+            kind=_KINDS[q.layout],
+            codes=codes,
+            exponents=exponents,
+            bits=q.quantizer.bits,
+            per_channel=q.quantizer.per_channel,
+            bias=None if bias is None else np.asarray(bias, np.float32),
+            folded=q.folded,
+        )
+    return out
+
+
+def _representative(data, rank):
+    """A ``representative_dataset`` generator of single-example batches."""
+    if callable(data):
+        return data
+
+    def gen():
+        for x in data:
+            x = np.asarray(x, np.float32)
+            if x.ndim == rank - 1:
+                x = x[None]
+            for i in range(len(x)):
+                yield [x[i:i + 1]]
+
+    return gen
+
+
+def to_tflite(model, representative_data=None):
+    """Integer TFLite flatbuffer (bytes) of a ``quantize_model`` QAT model.
+
+    Freezes the PO2 quantizers (the exponents of the last training step, or a
+    calibration for quantizers that never trained), then converts with
+    ``optimizations=[tf.lite.Optimize.DEFAULT]`` and int8 builtin kernels only:
+    the result is checked to compute in integers only (float QUANTIZE /
+    DEQUANTIZE at the input and output excepted); a float op raises ``ValueError``.
+
+    Args:
+        model: a QAT model from ``quantize_model`` with 8-bit activations.
+        representative_data: optional; an iterable of input samples (or batches),
+            or a ``representative_dataset`` generator function, for tensors whose
+            ranges the QAT model does not fix (not needed for ``quantize_model``
+            models, whose every tensor has a fake-quant range).
+
+    Returns:
+        ``bytes``: the TFLite model (float input and output).
+    """
+    kernels = _qat_kernels(model)
+    for wrapper in {id(k.wrapper): k.wrapper for k in kernels}.values():
+        bits = getattr(wrapper.quantize_config, "activation_bits", 8)
+        if bits != 8:
+            raise ValueError(
+                f"to_tflite needs 8-bit activations (TFLite int8 kernels; the converter ignores a fake-quant's "
+                f"num_bits), but {wrapper.layer.name} quantizes its activation to {bits} bits"
+            )
+    qat.freeze_quantizers(model)
+    tflite_model = _convert(model, kernels, representative_data)
+    _check_integer(tflite_model)
+    return tflite_model
+
+
+@contextlib.contextmanager
+def _export_mode(kernels):
+    """Each frozen PO2 quantizer returns its inference output as a constant
+    (``PO2KernelQuantizer.export_values``) while the block runs."""
+    for k in kernels:
+        k.quantizer._export = k.quantizer.export_values(k.weight, k.state)
+    try:
+        yield
+    finally:
+        for k in kernels:
+            k.quantizer._export = None
+
+
+def _convert(model, kernels, representative_data):
+    """Traces ``model(x, training=False)`` in export mode and converts it.
+
+    The converter saves its trackable object as a SavedModel first, tracing the
+    functions it holds again: it gets a ``tf.Module`` holding only the model's
+    variables (given the Keras model it would trace every layer's training and
+    inference calls, PO2 exponent searches included: many times slower than the
+    conversion itself), and the tracing stays in export mode throughout.
+    """
+    specs = [tf.TensorSpec([None] + t.shape.as_list()[1:], t.dtype) for t in model.inputs]
+    holder = tf.Module()
+    holder.model_variables = list(model.variables)
+    serve = tf.function(lambda *xs: model(list(xs) if len(xs) > 1 else xs[0], training=False), autograph=False)
+    with _export_mode(kernels):
+        converter = tf.lite.TFLiteConverter.from_concrete_functions([serve.get_concrete_function(*specs)], holder)
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        if representative_data is not None:
+            # With calibration data the converter can be told to accept int8 kernels only.
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+            converter.representative_dataset = _representative(representative_data, model.inputs[0].shape.rank)
+        return converter.convert()
+
+
+def _check_integer(tflite_model):
+    """Raises ``ValueError`` if an op other than QUANTIZE / DEQUANTIZE computes in float."""
+    interp = _interpreter(tflite_model)
+    details = {d["index"]: d for d in interp.get_tensor_details()}
+    floats = []
+    for op in interp._get_ops_details():
+        if op["op_name"] in ("QUANTIZE", "DEQUANTIZE"):
+            continue
+        tensors = [int(i) for i in list(op["inputs"]) + list(op["outputs"]) if int(i) >= 0]
+        if any(np.dtype(details[i]["dtype"]) == np.float32 for i in tensors):
+            floats.append(op["op_name"])
+    if floats:
+        raise ValueError(
+            "the converted model still computes in float: " + ", ".join(sorted(set(floats)))
+            + ". Some tensors have no quantization range (a layer left in float, or a layer tfmot does not "
+            "quantize); pass representative_data to calibrate them or quantize those layers."
+        )
+
+
+# ------------------------------------------------------------ reading back
+def _interpreter(tflite_model):
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    return Interpreter(
+        model_content=bytes(tflite_model),
+        experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+    )
+
+
+def tflite_kernels(tflite_model):
+    """The weight tensors of the CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED ops.
+
+    Returns:
+        A list (op order) of dicts: ``op`` (``"conv2d"``, ``"depthwise_conv2d"``,
+        ``"dense"``), ``name`` (tensor name), ``values`` (the stored integers, as the
+        interpreter returns them), ``dtype``, ``scales``, ``zero_points``,
+        ``quantized_dimension``.
+    """
+    interp = _interpreter(tflite_model)
+    interp.allocate_tensors()
+    details = {d["index"]: d for d in interp.get_tensor_details()}
+    out = []
+    for op in interp._get_ops_details():
+        kind = _TFLITE_OPS.get(op["op_name"])
+        if kind is None:
+            continue
+        idx = int(op["inputs"][1])
+        d = details[idx]
+        qp = d["quantization_parameters"]
+        out.append({
+            "op": kind,
+            "name": d["name"],
+            "values": np.array(interp.get_tensor(idx)),
+            "dtype": np.dtype(d["dtype"]),
+            "scales": np.asarray(qp["scales"], np.float32),
+            "zero_points": np.asarray(qp["zero_points"]),
+            "quantized_dimension": int(qp["quantized_dimension"]),
+        })
+    return out
+
+
+def run_tflite(tflite_model, x, batch_size=256):
+    """Runs a single-input, single-output TFLite model on ``x`` with LiteRT (no delegates).
+
+    Returns:
+        The float outputs, stacked (``len(x)`` rows).
+    """
+    interp = _interpreter(tflite_model)
+    inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
+    x = np.asarray(x, np.float32)
+    results = []
+    for start in range(0, len(x), batch_size):
+        chunk = x[start:start + batch_size]
+        interp.resize_tensor_input(inp["index"], chunk.shape)
+        interp.allocate_tensors()
+        interp.set_tensor(inp["index"], chunk.astype(inp["dtype"]))
+        interp.invoke()
+        results.append(np.array(interp.get_tensor(out["index"])))
+    return np.concatenate(results)
