@@ -287,38 +287,44 @@ def _clip_correction(row, size, n, c, lower=0):
 def _network_rows(kind, total, rows):
     """``row(i)``: example ``i``'s values (``i`` a Python int or a scalar tensor)."""
     if kind == "outer":
-        a, dz = rows[0], rows[1][:, : total.shape[-1]]
+        a, dz = rows[0], rows[1][:, : tf.shape(total)[-1]]  # a constant for XLA
+        a_rows, dz_rows = tf.unstack(a[:, :, None]), tf.unstack(dz[:, None, :])  # few ops to trace
 
         def row(i):
             if isinstance(i, int):
-                return a[i][:, None] * dz[i][None, :]
+                return a_rows[i] * dz_rows[i]
             return tf.gather(a, i)[:, None] * tf.gather(dz, i)[None, :]
     else:
         (x,) = rows
+        x_rows = tf.unstack(x)
 
         def row(i):
-            return x[i] if isinstance(i, int) else tf.gather(x, i)
+            return x_rows[i] if isinstance(i, int) else tf.gather(x, i)
     return row
 
 
-def _network_fn(kind, size, c, lower, n, total, *rows):
-    n = size if n is None else n
-    return total + _clip_correction(_network_rows(kind, total, rows), size, n, c, lower)
-
-
-def _network(kind, size, c, static, lower, shapes):
+def _network(kind, size, c, static, lower=0):
     """The XLA-compiled winsorized sum ``fn([n,] total, *rows)`` of ``size`` examples
     (exactly ``size`` when ``static``; else ``n`` of them, ``lower < n <= size``, in
     ``size`` rows). ``total`` is their plain sum; ``rows`` are ``[x]`` (``[size, N]``) or,
     for ``kind == "outer"``, ``[a, dz]`` with ``dz`` padded to more columns than
-    ``total`` has (see :func:`_pad_columns`). One function per input ``shapes``, each
-    traced once (a ``partial``, so TensorFlow does not take the many functions for one
-    function retraced too often)."""
-    key = (kind, size, c, static, lower, shapes)
+    ``total`` has (see :func:`_pad_columns`). Traced once for all layer shapes (XLA
+    compiles it once per shape)."""
+    key = (kind, size, c, static, lower)
     if key not in _NETWORKS:
-        fn = functools.partial(_network_fn, kind, size, c, lower, None) if static else \
-            functools.partial(_network_fn, kind, size, c, lower)
-        _NETWORKS[key] = tf.function(fn, jit_compile=True, autograph=False)
+        matrix = tf.TensorSpec([size, None], tf.float32)
+        spec = [tf.TensorSpec([None, None] if kind == "outer" else [None], tf.float32)]
+        spec += [matrix, matrix] if kind == "outer" else [matrix]
+
+        def fn(n, total, *rows):
+            return total + _clip_correction(_network_rows(kind, total, rows), size, n, c, lower)
+
+        if static:
+            _NETWORKS[key] = tf.function(functools.partial(fn, size), input_signature=spec,
+                                         jit_compile=True, autograph=False)
+        else:
+            _NETWORKS[key] = tf.function(fn, input_signature=[tf.TensorSpec([], tf.int32)] + spec,
+                                         jit_compile=True, autograph=False)
     return _NETWORKS[key]
 
 
@@ -331,10 +337,6 @@ def _pad_columns(dz):
     if (padded // 16) % 2 == 0:
         padded += 16
     return tf.pad(dz, [[0, 0], [0, padded - columns]])
-
-
-def _shapes(*tensors):
-    return tuple(tuple(t.shape.as_list()) for t in tf.nest.flatten(tensors))
 
 
 def _network_sum(kind, tensors, c, fallback):
@@ -353,17 +355,25 @@ def _network_sum(kind, tensors, c, fallback):
         if static_batch > _NETWORK_BUCKETS[-1]:
             return fallback()
         rows = layout(tensors)
-        return _network(kind, static_batch, c, True, 0, _shapes(total, rows))(total, *rows)
+        return _network(kind, static_batch, c, True)(total, *rows)
     n = tf.shape(tensors[0])[0]
 
-    def branch(size, lower):
+    def exact(size):  # n == size: no padding rows to mask
+        rows = layout([tf.ensure_shape(t, [size] + t.shape[1:].as_list()) for t in tensors])
+        return _network(kind, size, c, True)(total, *rows)
+
+    def padded(size, lower):
         index = tf.minimum(tf.range(size), n - 1)  # size rows: the last one repeated
         rows = layout([tf.gather(t, index) for t in tensors])
-        return _network(kind, size, c, False, lower, _shapes(total, rows))(n, total, *rows)
+        return _network(kind, size, c, False, lower)(n, total, *rows)
 
-    branches = [lambda size=size, lower=lower: branch(size, lower)
-                for lower, size in zip((0,) + _NETWORK_BUCKETS, _NETWORK_BUCKETS)]
-    index = tf.reduce_sum(tf.cast(n > tf.constant(_NETWORK_BUCKETS), tf.int32))
+    branches = []
+    for lower, size in zip((0,) + _NETWORK_BUCKETS, _NETWORK_BUCKETS):
+        branches += [lambda size=size: exact(size), lambda size=size, lower=lower: padded(size, lower)]
+    buckets = tf.constant(_NETWORK_BUCKETS)
+    bucket = tf.reduce_sum(tf.cast(n > buckets, tf.int32))
+    in_bucket = 2 * bucket + tf.cast(n != tf.gather(buckets, tf.minimum(bucket, len(_NETWORK_BUCKETS) - 1)), tf.int32)
+    index = tf.where(bucket < len(_NETWORK_BUCKETS), in_bucket, len(branches))
     return tf.switch_case(index, branches + [fallback])
 
 
