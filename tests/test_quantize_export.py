@@ -358,6 +358,9 @@ def test_unsupported_layers_raise_or_stay_float():
     qmodel = quantize_model(model, unsupported="float")
     assert isinstance(qmodel.get_layer("ln"), keras.layers.LayerNormalization)
     assert [k.name for k in q_qat.quantized_kernels(qmodel)] == ["d1", "d2"]
+    qmodel(np.ones((4, 6), np.float32), training=True)
+    with pytest.raises(ValueError, match="still computes in float"):
+        to_tflite(qmodel)  # never a silently half-float file
 
 
 def test_argument_checks():

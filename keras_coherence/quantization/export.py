@@ -16,7 +16,7 @@ import dataclasses
 
 import numpy as np
 
-from keras_coherence._keras import keras, tf  # noqa: F401  (keras for doctests)
+from keras_coherence._keras import tf
 from keras_coherence.quantization import qat
 
 __all__ = ["IntegerKernel", "integer_weights", "to_tflite", "tflite_kernels", "run_tflite"]
@@ -137,16 +137,19 @@ def to_tflite(model, representative_data=None):
 
     Freezes the PO2 quantizers (the exponents of the last training step, or a
     calibration for quantizers that never trained), then converts with
-    ``optimizations=[tf.lite.Optimize.DEFAULT]`` and int8 builtin kernels only:
-    the result is checked to compute in integers only (float QUANTIZE /
-    DEQUANTIZE at the input and output excepted); a float op raises ``ValueError``.
+    ``optimizations=[tf.lite.Optimize.DEFAULT]``; each frozen kernel reaches the
+    converter as ``fake_quant(w_q, -127 s, 127 s)`` (narrow range, 8 bits), so its
+    int8 weights get the scale ``s`` and zero point 0. The result is checked to
+    compute in integers only (float QUANTIZE / DEQUANTIZE at the input and output
+    excepted): a float op raises ``ValueError`` instead of a half-float file.
 
     Args:
         model: a QAT model from ``quantize_model`` with 8-bit activations.
         representative_data: optional; an iterable of input samples (or batches),
             or a ``representative_dataset`` generator function, for tensors whose
             ranges the QAT model does not fix (not needed for ``quantize_model``
-            models, whose every tensor has a fake-quant range).
+            models, whose every tensor has a fake-quant range). With it the
+            converter is also restricted to ``TFLITE_BUILTINS_INT8``.
 
     Returns:
         ``bytes``: the TFLite model (float input and output).

@@ -63,11 +63,13 @@ class _FoldedBatchNormMixin:
 
     def _build_bn(self, channels):
         def add(name, init, trainable, regularizer=None, constraint=None):
+            # Moving statistics are created like Keras BN creates them (on-read, mean).
+            sync = tf.VariableSynchronization
             return self.add_weight(
                 name=name, shape=(channels,), dtype=self.dtype, initializer=init, trainable=trainable,
                 regularizer=regularizer, constraint=constraint,
-                aggregation=tf.VariableAggregation.MEAN if not trainable else tf.VariableAggregation.NONE,
-                synchronization=tf.VariableSynchronization.ON_READ if not trainable else tf.VariableSynchronization.AUTO,
+                aggregation=tf.VariableAggregation.NONE if trainable else tf.VariableAggregation.MEAN,
+                synchronization=sync.AUTO if trainable else sync.ON_READ,
             )
 
         self.gamma = add("gamma", "ones", self.bn_scale, self.gamma_regularizer, self.gamma_constraint)
@@ -339,7 +341,8 @@ def _folded_layer(conv, bn, update_statistics):
 
 def _transfer_weights(folded, conv, bn):
     """Copies conv kernel/bias and BN gamma/beta/mean/variance into a built folded layer."""
-    folded._float_kernel.assign(conv.depthwise_kernel if isinstance(conv, keras.layers.DepthwiseConv2D) else conv.kernel)
+    depthwise = isinstance(conv, keras.layers.DepthwiseConv2D)
+    folded._float_kernel.assign(conv.depthwise_kernel if depthwise else conv.kernel)
     if conv.use_bias:
         folded.bias.assign(conv.bias)
     channels = int(folded.moving_mean.shape[0])

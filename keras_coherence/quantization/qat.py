@@ -118,6 +118,10 @@ class PO2KernelQuantizer(TFMOTQuantizer):
 
     @tf.autograph.experimental.do_not_convert  # plain TF code; autograph would only slow tracing
     def __call__(self, inputs, training, weights, **kwargs):
+        if not isinstance(training, (bool, int)):  # tfmot passes Python bools; be safe with tensors
+            return tf.__internal__.smart_cond.smart_cond(
+                training, lambda: self(inputs, True, weights), lambda: self(inputs, False, weights)
+            )
         shape = tf.convert_to_tensor(inputs).shape
         if self._export is not None and not training:
             # Export: the frozen inference values as constants (see ``export_values``).
@@ -259,7 +263,8 @@ class PO2QuantizeConfig(_tq.QuantizeConfig):
 
 # ---------------------------------------------------------------- the scheme
 def _tfmot_defaults(activation_bits):
-    """(registry, output config class, no-op config, input transform, concat transforms)."""
+    """tfmot's defaults for ``activation_bits``: ``(registry, output-quantizing config
+    factory, no-op config class, layout-transforms factory)``."""
     if activation_bits == 8:
         from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (
             default_8bit_quantize_configs as configs,
@@ -486,7 +491,10 @@ def quantize_model(model, bits=4, method="msqe", per_channel=True, fold_batchnor
         method: ``"msqe"`` (``MSQEPo2``), ``"msqe_baseline"`` (``MSQEPo2Baseline``,
             QKeras auto_po2), ``"learned"`` (``LearnedPo2``), a registry alias, or a
             ``PO2Quantizer`` / config used as a template (its ``bits``,
-            ``per_channel`` and ``channel_axis`` are replaced).
+            ``per_channel`` and ``channel_axis`` are replaced). Note: per channel,
+            a 3x3 depthwise kernel has 9 weights per exponent, and ``MSQEPo2``'s
+            2-sigma outlier mask then tends to exclude (and clip) each channel's
+            dominant tap; ``quantizer_options={"outlier_mask": False}`` avoids it.
         per_channel: one exponent per output channel for Conv2D / DepthwiseConv2D
             (Dense kernels are always per-tensor: the TFLite converter rejects
             per-channel fully-connected weights).
