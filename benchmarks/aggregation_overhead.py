@@ -31,6 +31,7 @@ the script exits non-zero on a mismatch.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import sys
@@ -178,15 +179,21 @@ def np_winsorized(g, c):
     return np.clip(g, s[c], s[len(g) - 1 - c]).sum(0)
 
 
-def check(name, specs, seed, lr):
-    """One step of each aggregator in ``specs`` against numpy on a fresh model and a
-    batch of CHECK_BATCH; exits non-zero on a mismatch.
+def update_direction(model, aggregator, x, y):
+    return [g for g, _ in aggregated_train_step(model, (x, y), aggregator)[2]]
 
-    Two comparisons per aggregator: the update direction of ``aggregated_train_step``
-    (what the train step hands the optimizer) element by element, with tolerance
-    ``RTOL * |ref| + ATOL * max|ref|`` per variable (the second term covers float32
-    rounding: the loop's one-example forward passes round differently from the batch's,
-    which shows in coordinates near zero; observed <= 5e-7 of the maximum); and the weight change of one step of Keras's train function of
+
+def check(name, specs, seed, lr, dynamic):
+    """One step of each aggregator in ``specs`` against numpy on a fresh model and a
+    batch of CHECK_BATCH (of statically unknown size when ``dynamic``, as timed); exits
+    non-zero on a mismatch.
+
+    Two comparisons per aggregator. (1) The update direction of
+    ``aggregated_train_step`` (what the train step hands the optimizer), element by
+    element, within ``RTOL * |ref| + ATOL * max|ref|`` per variable; the second term
+    covers float32 rounding: the loop's one-example forward passes round differently
+    from the batch's, which shows in coordinates near zero (observed: <= 5e-7 of the
+    maximum). (2) The weight change of one step of Keras's train function of
     ``with_aggregator(...)`` with SGD, ``(before - after) / lr``, against the same
     reference in relative norm.
     """
@@ -206,14 +213,18 @@ def check(name, specs, seed, lr):
                    for gi in g]
         model = with_aggregator(base, spec)
         model.compile(optimizer=sgd(lr), loss=loss_obj())
-        step = tf.function(lambda x, y: [gv[0] for gv in aggregated_train_step(model, (x, y), aggregator)[2]])
+        signature = [tf.TensorSpec([None, 28, 28, 1]), tf.TensorSpec([None], tf.int32)] if dynamic else None
+        step = tf.function(functools.partial(update_direction, model, aggregator), input_signature=signature)
         out = [t.numpy().astype(np.float64) for t in step(x, y)]
         worst = 0.0
         for o, r in zip(out, ref):  # error in units of the tolerance: ok when <= 1
             tol = RTOL * np.abs(r) + ATOL * np.max(np.abs(r)) + 1e-30
             worst = max(worst, float(np.max(np.abs(o - r) / tol)))
         before = [v.numpy().astype(np.float64) for v in base.trainable_variables]
-        model.make_train_function()(iter(tf.data.Dataset.from_tensors((x, y)).repeat()))
+        data = tf.data.Dataset.from_tensors((x, y))
+        if dynamic:
+            data = tf.data.Dataset.from_tensor_slices((x, y)).batch(CHECK_BATCH)
+        model.make_train_function()(iter(data.repeat()))
         after = [v.numpy().astype(np.float64) for v in base.trainable_variables]
         for v, w in zip(base.trainable_variables, before):  # undo the step
             v.assign(w)
@@ -222,9 +233,9 @@ def check(name, specs, seed, lr):
         step_err = (num / den) ** 0.5
         ok = worst <= 1 and step_err <= 10 * RTOL
         failed |= not ok
-        print(f"[check {name}] {spec}, batch {CHECK_BATCH}: update direction vs numpy, worst "
-              f"error {worst:.2f} x tolerance (rtol {RTOL:g}, atol {ATOL:g} x max); one SGD step of the train function, "
-              f"rel. error {step_err:.1e} (tol {10 * RTOL:g}): {'ok' if ok else 'FAIL'}")
+        print(f"[check {name}] {spec}, batch {CHECK_BATCH}: update direction vs numpy, worst error "
+              f"{worst:.2f} x tolerance (rtol {RTOL:g}, atol {ATOL:g} x max); one SGD step of the train "
+              f"function, rel. error {step_err:.1e} (tol {10 * RTOL:g}): {'ok' if ok else 'FAIL'}")
     if failed:
         raise SystemExit(f"CHECK FAILED for {name}: an aggregator does not match numpy; "
                          "refusing to time it.")
@@ -239,7 +250,7 @@ def run_model(name, args, seed):
     if "m3" in args.methods:
         specs.append("m3:groups=3")
     if not args.no_check:
-        check(name, specs, seed + 7, args.lr)
+        check(name, specs, seed + 7, args.lr, args.dynamic_batch)
 
     keras.utils.set_random_seed(seed)
     b = args.batch_size
