@@ -296,11 +296,13 @@ def _network_rows(kind, total, rows):
     """``row(i)``: example ``i``'s values (``i`` a Python int or a scalar tensor)."""
     if kind == "outer":
         a, dz = rows[0], rows[1][:, : tf.shape(total)[-1]]  # a constant for XLA
-        a_rows, dz_rows = tf.unstack(a[:, :, None]), tf.unstack(dz[:, None, :])  # few ops to trace
+        # Few ops to trace. Rows of dz stay views of the padded rows: dz[:, None, :]
+        # would make XLA copy dz to contiguous (unpadded) rows, 1.4-2x slower.
+        a_rows, dz_rows = tf.unstack(a[:, :, None]), tf.unstack(dz)
 
         def row(i):
             if isinstance(i, int):
-                return a_rows[i] * dz_rows[i]
+                return a_rows[i] * tf.expand_dims(dz_rows[i], 0)
             return tf.gather(a, i)[:, None] * tf.gather(dz, i)[None, :]
     else:
         (x,) = rows
