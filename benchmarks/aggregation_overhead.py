@@ -6,7 +6,8 @@ data (28x28x1, 10 classes), for the MLP 784-512-512-10 and the CNN of
 
 * ``keras-plain``    -- Keras's own train function of the compiled plain model (reference);
 * ``winsorized-cK``  -- Keras's own train function of ``with_aggregator(model, "winsorized:c=K")``
-  (c=2 by default; ``--all-c`` adds c=1 and c=4);
+  (c=2 by default; ``--all-c`` adds c=1 and c=4; ``--with-top-k`` adds ``winsorized-cK-topk``,
+  the same with ``tf.math.top_k`` instead of the selection network);
 * ``m3``             -- ``with_aggregator(model, "m3:groups=3")``;
 * ``rm3``            -- the plain model compiled with
   ``keras_coherence.optimizers.RunningMedian(SGD(lr), window=3)`` (skipped, with
@@ -68,6 +69,9 @@ def parse_args(argv=None):
     p.add_argument("--all-c", action="store_true", help="time winsorized c=1 and c=4 too")
     p.add_argument("--methods", default="winsorized,m3,rm3",
                    help="comma-separated subset of winsorized,m3,rm3")
+    p.add_argument("--with-top-k", action="store_true",
+                   help="also time winsorization by tf.math.top_k (Winsorized.use_network = False), "
+                        "the path before the selection network (slow: ~1 s per MLP step)")
     p.add_argument("--dynamic-batch", action="store_true",
                    help="batches of statically unknown size, as fit() on arrays gives")
     p.add_argument("--lr", type=float, default=0.01)
@@ -273,6 +277,11 @@ def run_model(name, args, seed):
         agg_model.compile(optimizer=sgd(args.lr), loss=loss_obj())
         label = f"winsorized-c{get(spec).c}" if spec.startswith("winsorized") else "m3"
         methods.append((label, keras_step(agg_model, data), "keras-plain"))
+        if args.with_top_k and spec.startswith("winsorized"):
+            topk_model = with_aggregator(model, spec)
+            topk_model.aggregator.use_network = False
+            topk_model.compile(optimizer=sgd(args.lr), loss=loss_obj())
+            methods.append((label + "-topk", keras_step(topk_model, data), "keras-plain"))
     if "rm3" in args.methods:
         if RunningMedian is None:
             print("RM3: not available (keras_coherence.optimizers.RunningMedian does not exist yet)")
@@ -304,6 +313,8 @@ def run_methods(name, methods, args):
 
 
 def target_of(method, model):
+    if method.endswith("-topk"):  # the old path, for comparison
+        return None
     family = "winsorized" if method.startswith("winsorized") else method
     return TARGETS.get(family, {}).get(model)
 

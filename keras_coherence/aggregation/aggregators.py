@@ -212,7 +212,7 @@ class Winsorized(Aggregator):
 # cost ~8; for c = 4, 15 -> 12). Only the clipped sum leaves the network: an XLA fusion
 # with several outputs (e.g. the lists, to merge chunks of a larger batch) recomputes
 # the network once per output (7x slower). XLA's CPU backend stops vectorizing the
-# loop beyond ~128 examples (256: 14x slower per value), hence the cap. A batch whose
+# loop beyond ~128 examples (256: ~7x slower per value), hence the cap. A batch whose
 # size is only known at run time takes the network of its exact size if it is a bucket
 # size, else the smallest bucket that holds it (padding rows masked).
 
