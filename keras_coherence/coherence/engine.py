@@ -172,20 +172,16 @@ def per_example_loss_fn(model):
 
 def layer_per_example_grads(result: BackwardResult, name: str) -> Dict[int, tf.Tensor]:
     """Explicit per-example gradients ``{var_key: [B, ...]}`` of one layer (summed over
-    its calls when the layer is shared)."""
-    traces = result.by_layer[name]
-    if len(traces) == 1:
-        rule = traces[0].rule
-        try:
-            return rule.per_example_grads(traces[0], result.cotangents[id(traces[0])])
-        except NotImplementedError:  # a rule without explicit per-example gradients
-            pass
+    its calls when the layer is shared; shared layers always take the fallback)."""
     total = {}
-    for trace in traces:
-        if trace.rule is FALLBACK or len(traces) > 1:
-            part = FALLBACK.per_example_grads(trace, result.cotangents[id(trace)])
-        else:
-            raise NotImplementedError(f"{type(trace.rule).__name__} has no per_example_grads")
+    for trace in result.by_layer[name]:
+        try:
+            part = trace.rule.per_example_grads(trace, result.cotangents[id(trace)])
+        except NotImplementedError:
+            raise TypeError(
+                f"The rule {type(trace.rule).__name__} for layer {name!r} does not implement "
+                "per_example_grads, which this aggregator needs; implement it in the rule."
+            ) from None
         for key, g in part.items():
             total[key] = g if key not in total else total[key] + g
     return total
