@@ -1,0 +1,164 @@
+"""Binary-network export: LCE inference files and the builtin-only on-device training model.
+
+* LCE: binary ``QuantDense`` layers rewritten as 1×1 convolutions become
+  ``LceBconv2d``; LCE's interpreter agrees with Keras (randomized BN statistics, so no
+  exact sign ties).
+* Training model: only builtin ops; in LiteRT the losses over the same batches follow
+  the TensorFlow run of the same module; weights round-trip through
+  ``get_weights``/``set_weights``; weights trained in LiteRT go into the Keras model
+  and into an LCE model with the same outputs.
+"""
+import numpy as np
+import pytest
+
+import keras_coherence  # noqa: F401  (Keras 2 policy first)
+from keras_coherence._keras import keras
+from keras_coherence.binary import export_lce, export_training
+
+STEPS, BATCH = 12, 16
+
+
+def _task(n=STEPS * BATCH, dim=16, classes=4, seed=0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(0.0, 2.0, (classes, dim))
+    y = rng.integers(0, classes, n).astype(np.int32)
+    return (centers[y] + rng.normal(0.0, 1.0, (n, dim))).astype(np.float32), y
+
+
+def _litert(flatbuffer):
+    from ai_edge_litert.interpreter import Interpreter
+
+    return Interpreter(model_content=bytes(flatbuffer))
+
+
+# ------------------------------------------------------------------ LCE inference export
+def _larq_mlp(seed=0):
+    import larq as lq
+
+    keras.utils.set_random_seed(seed)
+    binary = dict(input_quantizer="ste_sign", kernel_quantizer="ste_sign", kernel_constraint="weight_clip",
+                  use_bias=False)
+    model = keras.Sequential([
+        keras.Input((16,)),
+        lq.layers.QuantDense(32, kernel_quantizer="ste_sign", use_bias=False, name="first"),
+        keras.layers.BatchNormalization(name="bn0"),
+        lq.layers.QuantDense(32, name="hidden", **binary),
+        keras.layers.BatchNormalization(name="bn1"),
+        lq.layers.QuantDense(4, name="head", **binary),
+        keras.layers.BatchNormalization(name="bn2"),
+    ])
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            c = layer.gamma.shape[0]
+            layer.set_weights([rng.uniform(0.5, 2, c), rng.normal(0, 0.3, c), rng.normal(0, 2, c),
+                               rng.uniform(0.5, 3, c)])
+    return model
+
+
+@pytest.fixture(scope="module")
+def larq_mlp():
+    return _larq_mlp()
+
+
+def test_dense_as_conv1x1_same_outputs(larq_mlp):
+    x, _ = _task(64)
+    conv = export_lce.dense_as_conv1x1(larq_mlp)
+    np.testing.assert_allclose(conv.predict(x, verbose=0), larq_mlp.predict(x, verbose=0), atol=1e-5)
+    assert {type(layer).__name__ for layer in conv.layers} >= {"Sequential", "BatchNormalization"}
+
+
+def test_lce_matches_keras_and_is_smaller(larq_mlp):
+    x, _ = _task(64)
+    report = export_lce.compare(larq_mlp, x, repeats=3)
+    assert "LceBconv2d" in report.lce_ops and "LceQuantize" in report.lce_ops
+    # the first layer has a real input: a float FULLY_CONNECTED; the two binary ones are bconvs
+    assert report.max_abs_diff < 1e-4 and report.argmax_agreement == 1.0
+    assert report.lce_bytes < report.float_bytes
+    # without the rewrite LCE keeps binary dense layers as float FULLY_CONNECTED
+    plain = export_lce.tflite_ops(export_lce.to_lce(larq_mlp, dense_as_conv=False))
+    assert "LceBconv2d" not in plain and "FULLY_CONNECTED" in plain
+
+
+def test_dense_as_conv1x1_rejects_sequence_inputs():
+    import larq as lq
+
+    model = keras.Sequential([keras.Input((5, 8)), lq.layers.QuantDense(4, input_quantizer="ste_sign",
+                                                                        kernel_quantizer="ste_sign")])
+    with pytest.raises(ValueError, match=r"\[batch, features\]"):
+        export_lce.dense_as_conv1x1(model)
+
+
+# ------------------------------------------------------------------ on-device training export
+SPEC = export_training.BinaryMLP(16, hidden=(32, 32), num_classes=4, learning_rate=1e-2)
+
+
+@pytest.fixture(scope="module")
+def exported():
+    module = export_training.TrainingModule(SPEC, seed=0)
+    initial = module.weights()
+    flatbuffer = export_training.to_tflite(module)
+    return module, initial, flatbuffer
+
+
+def test_training_model_is_builtin_only(exported):
+    _, _, flatbuffer = exported
+    ops = export_lce.tflite_ops(flatbuffer)
+    assert export_lce.non_builtin_ops(flatbuffer) == []
+    assert not [op for op in ops if op.startswith("Flex")]
+    assert {"VAR_HANDLE", "READ_VARIABLE", "ASSIGN_VARIABLE"} <= set(ops)
+    signatures = _litert(flatbuffer).get_signature_list()
+    assert set(signatures) == {"train", "infer", "get_weights", "set_weights"}
+    assert signatures["train"]["inputs"] == ["x", "y"] and signatures["train"]["outputs"] == ["loss"]
+
+
+def test_litert_losses_follow_tensorflow(exported):
+    module, initial, flatbuffer = exported
+    x, y = _task()
+    module.assign(initial)
+    tf_losses = [float(module.train(x[i:i + BATCH], y[i:i + BATCH])["loss"]) for i in range(0, len(x), BATCH)]
+    interp = _litert(flatbuffer)
+    train = interp.get_signature_runner("train")
+    lite_losses = [float(train(x=x[i:i + BATCH], y=y[i:i + BATCH])["loss"]) for i in range(0, len(x), BATCH)]
+    np.testing.assert_allclose(lite_losses, tf_losses, rtol=1e-4, atol=1e-5)
+    assert np.mean(lite_losses[-4:]) < np.mean(lite_losses[:4])
+    lite_weights = interp.get_signature_runner("get_weights")()
+    for name, value in module.weights().items():
+        np.testing.assert_allclose(lite_weights[name], value, atol=1e-4, err_msg=name)
+    logits = interp.get_signature_runner("infer")(x=x[:40])["logits"]
+    np.testing.assert_allclose(logits, module.infer(x[:40])["logits"].numpy(), atol=1e-4)
+
+
+def test_weights_round_trip(exported):
+    _, initial, flatbuffer = exported
+    interp = _litert(flatbuffer)
+    rng = np.random.default_rng(3)
+    state = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in initial.items()}
+    interp.get_signature_runner("set_weights")(**state)
+    back = interp.get_signature_runner("get_weights")()
+    assert set(back) == set(state)
+    for name in state:
+        np.testing.assert_array_equal(back[name], state[name])
+
+
+def test_device_weights_into_keras_and_lce(exported):
+    _, initial, flatbuffer = exported
+    x, y = _task()
+    interp = _litert(flatbuffer)
+    interp.get_signature_runner("set_weights")(**initial)
+    train = interp.get_signature_runner("train")
+    for _ in range(2):
+        for i in range(0, len(x), BATCH):
+            train(x=x[i:i + BATCH], y=y[i:i + BATCH])
+    trained = interp.get_signature_runner("get_weights")()
+    device_logits = interp.get_signature_runner("infer")(x=x)["logits"]
+
+    model = export_training.keras_weights(export_training.to_keras(SPEC), trained)
+    keras_logits = model.predict(x, verbose=0)
+    np.testing.assert_allclose(keras_logits, device_logits, atol=1e-3)
+
+    lce_model = export_lce.to_lce(model)
+    assert "LceBconv2d" in export_lce.tflite_ops(lce_model)
+    lce_logits = export_lce.lce_predict(lce_model, x)
+    np.testing.assert_allclose(lce_logits, keras_logits, atol=1e-3)
+    assert np.mean(lce_logits.argmax(-1) == y) > 0.6
