@@ -16,6 +16,11 @@ imported on first use):
   two with zero point 0; ``integer_weights(model)``: the same integers and exponents
   per layer (``IntegerKernel``); ``freeze_quantizers``, ``quantize_scope``,
   ``tflite_kernels``, ``run_tflite``.
+
+Monitoring (``monitor``; imported on first use): ``ScaleMonitor(every_n_steps=1)``,
+a Keras callback recording every PO2 quantizer's exponents, exponent flips, clip
+fraction and (gradient-weighted) MSQE during ``fit``, into the logs, a per-layer
+``history``, ``to_csv`` and ``plot``.
 """
 from keras_coherence.quantization.base import PO2Quantizer
 from keras_coherence.quantization.quantizers import (
@@ -52,6 +57,7 @@ __all__ = [
     "IntegerKernel",
     "tflite_kernels",
     "run_tflite",
+    "ScaleMonitor",
 ]
 
 _LAZY = {
@@ -70,6 +76,7 @@ _LAZY = {
     "IntegerKernel": "export",
     "tflite_kernels": "export",
     "run_tflite": "export",
+    "ScaleMonitor": "monitor",
 }
 
 
