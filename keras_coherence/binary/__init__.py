@@ -1,0 +1,40 @@
+"""Binary neural networks trained standard or with low memory (Wang et al., arXiv 2102.04270).
+
+* :mod:`~keras_coherence.binary.config` -- :class:`LowMemoryConfig`, ``resolve_method``.
+* :mod:`~keras_coherence.binary.ops` -- hand-written, TFLite-builtin-only backward passes.
+* :mod:`~keras_coherence.binary.layers` -- ``BinaryDense``, ``BinaryConv2D``,
+  ``L1BatchNormalization``.
+* :mod:`~keras_coherence.binary.models` -- MLP, CNV, BinaryNet, ResNetE-18 builders.
+* :mod:`~keras_coherence.binary.memory` -- ``memory_profile``: training memory in bits.
+* :mod:`~keras_coherence.binary.training` -- ``train_bnn``: one call for a CLI.
+
+Names are imported lazily (larq is only imported when a standard model is built).
+"""
+import importlib
+
+_EXPORTS = {
+    "LowMemoryConfig": "config", "resolve_method": "config", "method_name": "config",
+    "METHODS": "config",
+    "BinaryDense": "layers", "BinaryConv2D": "layers", "L1BatchNormalization": "layers",
+    "build_model": "models", "MODEL_NAMES": "models",
+    "memory_profile": "memory", "MemoryProfile": "memory", "MemoryRow": "memory",
+    "train_bnn": "training", "make_optimizer": "training",
+}
+_SUBMODULES = ("config", "ops", "layers", "models", "memory", "training")
+
+__all__ = sorted(_EXPORTS) + list(_SUBMODULES)
+
+
+def __getattr__(name):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    if name in _EXPORTS:
+        module = importlib.import_module(f"{__name__}.{_EXPORTS[name]}")
+        value = getattr(module, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

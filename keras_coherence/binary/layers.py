@@ -1,0 +1,247 @@
+"""Keras layers for low-memory binary-network training (Wang et al., arXiv 2102.04270).
+
+* :class:`BinaryDense` / :class:`BinaryConv2D` -- a binary layer in larq's style: it
+  binarizes its *input* (``sign`` with a straight-through estimator, except for a
+  ``first_layer``) and its kernel (``sign(clip(w))``), and has no bias. Its backward pass
+  is the hand-written one of :func:`~keras_coherence.binary.ops.binary_matmul` /
+  :func:`~keras_coherence.binary.ops.binary_conv2d`, which keeps sign bits instead of
+  float inputs and rounds gradients as the layer's ``method`` says.
+* :class:`L1BatchNormalization` -- batch norm by mean absolute deviation, beta only,
+  whose backward needs only ``sign(x_hat)``.
+
+``method`` is ``"low_memory"`` (default), ``"low_memory_po2"``, a
+:class:`~keras_coherence.binary.config.LowMemoryConfig` or its dict, or ``"standard"``
+(the same hand-written backward with every technique off: float32 everywhere, float
+inputs kept -- numerically the Courbariaux & Bengio STE gradient).
+
+A 1x1 :class:`BinaryConv2D` on ``(1, 1, C)`` inputs is a binary dense layer in the form
+that the Larq Compute Engine maps to ``LceBconv2d`` (LCE has no binary fully-connected
+kernel); the model builders use it with ``dense_as_conv=True``.
+
+Kernels carry ``precision = 1`` so that ``larq.optimizers.Bop.is_binary_variable``
+claims them inside a ``larq.optimizers.CaseOptimizer``.
+"""
+from __future__ import annotations
+
+import math
+
+from keras_coherence._keras import keras, tf
+from keras_coherence.binary import ops
+from keras_coherence.binary.config import resolve_method
+
+__all__ = ["BinaryDense", "BinaryConv2D", "L1BatchNormalization", "bnn_initializer",
+           "LOW_MEMORY_LAYERS"]
+
+
+def bnn_initializer():
+    """``N(0, 1/fan_in)``, the paper's kernel initializer."""
+    return keras.initializers.VarianceScaling(1.0, "fan_in", "untruncated_normal")
+
+
+def _config_dict(config):
+    return None if config is None else config.get_config()
+
+
+def _method_arg(method):
+    return "standard" if method is None else method
+
+
+class _BinaryLayer(keras.layers.Layer):
+    """Shared plumbing: the method, the kernel, ``first_layer``."""
+
+    def __init__(self, first_layer=False, method="low_memory", kernel_initializer=None,
+                 **kwargs):
+        super().__init__(**kwargs)
+        if not isinstance(first_layer, bool):
+            raise ValueError(f"first_layer={first_layer!r} must be True or False.")
+        self.first_layer = first_layer
+        self.config = resolve_method(_method_arg(method))
+        self.kernel_initializer = keras.initializers.get(
+            kernel_initializer if kernel_initializer is not None else bnn_initializer())
+
+    def _add_kernel(self, shape):
+        kernel = self.add_weight("kernel", shape=shape, initializer=self.kernel_initializer,
+                                 trainable=True, dtype=self.dtype)
+        kernel.precision = 1  # lets larq's Bop claim it
+        return kernel
+
+    @property
+    def kernel_size_total(self):
+        return int(math.prod(int(d) for d in self.kernel.shape))
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(first_layer=self.first_layer,
+                      method=_config_dict(self.config) or "standard",
+                      kernel_initializer=keras.initializers.serialize(self.kernel_initializer))
+        return config
+
+
+@keras.utils.register_keras_serializable(package="keras_coherence")
+class BinaryDense(_BinaryLayer):
+    """Binary fully-connected layer: ``sign(x) @ sign(clip(W))``, no bias.
+
+    Args:
+        units: output width.
+        first_layer: keep the real input (no input binarization, float input stored).
+        method: see the module docstring.
+        kernel_initializer: default ``N(0, 1/fan_in)``.
+
+    >>> layer = BinaryDense(4)
+    >>> layer(tf.ones((2, 3))).shape
+    TensorShape([2, 4])
+    """
+
+    def __init__(self, units, first_layer=False, method="low_memory", kernel_initializer=None,
+                 **kwargs):
+        super().__init__(first_layer, method, kernel_initializer, **kwargs)
+        if isinstance(units, bool) or not isinstance(units, int) or units < 1:
+            raise ValueError(f"units={units!r} must be a positive integer.")
+        self.units = units
+        self.input_spec = keras.layers.InputSpec(ndim=2)
+
+    def build(self, input_shape):
+        self.kernel = self._add_kernel((int(input_shape[-1]), self.units))
+        self.built = True
+
+    def call(self, inputs):
+        return ops.binary_matmul(inputs, self.kernel, self.config, self.first_layer)
+
+    def compute_output_shape(self, input_shape):
+        return tf.TensorShape(input_shape)[:-1].concatenate([self.units])
+
+    def get_config(self):
+        config = super().get_config()
+        config["units"] = self.units
+        return config
+
+
+@keras.utils.register_keras_serializable(package="keras_coherence")
+class BinaryConv2D(_BinaryLayer):
+    """Binary 2-D convolution (NHWC): ``conv2d(sign(x), sign(clip(W)))``, no bias.
+
+    Zero padding (``"same"``) pads the *binarized* input with zeros, as larq's default
+    ``pad_values=0``.
+
+    >>> BinaryConv2D(8, 3, padding="same")(tf.ones((1, 5, 5, 2))).shape
+    TensorShape([1, 5, 5, 8])
+    """
+
+    def __init__(self, filters, kernel_size, strides=1, padding="valid", first_layer=False,
+                 method="low_memory", kernel_initializer=None, **kwargs):
+        super().__init__(first_layer, method, kernel_initializer, **kwargs)
+        if isinstance(filters, bool) or not isinstance(filters, int) or filters < 1:
+            raise ValueError(f"filters={filters!r} must be a positive integer.")
+        self.filters = filters
+        self.kernel_size = ops._pair(kernel_size)
+        self.strides = ops._pair(strides)
+        if min(self.kernel_size) < 1 or min(self.strides) < 1:
+            raise ValueError(f"kernel_size={kernel_size!r} and strides={strides!r} must be >= 1.")
+        if not isinstance(padding, str) or padding.lower() not in ("valid", "same"):
+            raise ValueError(f"padding={padding!r} must be 'valid' or 'same'.")
+        self.padding = padding.lower()
+        self.input_spec = keras.layers.InputSpec(ndim=4)
+
+    def build(self, input_shape):
+        self.kernel = self._add_kernel(self.kernel_size + (int(input_shape[-1]), self.filters))
+        self.built = True
+
+    def call(self, inputs):
+        return ops.binary_conv2d(inputs, self.kernel, self.strides, self.padding,
+                                 self.config, self.first_layer)
+
+    def compute_output_shape(self, input_shape):
+        n, h, w, _ = tf.TensorShape(input_shape).as_list()
+        if self.padding == "same":
+            h, w = -(-h // self.strides[0]), -(-w // self.strides[1])
+        else:
+            h = (h - self.kernel_size[0]) // self.strides[0] + 1
+            w = (w - self.kernel_size[1]) // self.strides[1] + 1
+        return tf.TensorShape([n, h, w, self.filters])
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(filters=self.filters, kernel_size=self.kernel_size, strides=self.strides,
+                      padding=self.padding)
+        return config
+
+
+@keras.utils.register_keras_serializable(package="keras_coherence")
+class L1BatchNormalization(keras.layers.Layer):
+    """Batch norm by mean absolute deviation with a trainable beta (no gamma).
+
+    Training: per channel (all axes but the last), ``mu = mean(x)``,
+    ``sigma = mean|x - mu| + epsilon``, output ``(x - mu) / sigma + beta``; the moving
+    statistics follow ``m <- momentum * m + (1 - momentum) * batch``. Inference uses the
+    moving statistics. With float16 latent weights (the method's ``latent_weights``),
+    ``mu``, ``sigma`` and ``beta`` are rounded to float16, and so is beta's gradient.
+    The backward pass is :func:`~keras_coherence.binary.ops.l1_normalize`.
+
+    Args:
+        momentum: of the moving statistics (0.9 in the paper).
+        epsilon: added to ``sigma`` so that a constant channel does not divide by zero.
+        method: see the module docstring (its ``activation_grad`` rounds ``dy``).
+    """
+
+    def __init__(self, momentum=0.9, epsilon=1e-6, method="low_memory", **kwargs):
+        super().__init__(**kwargs)
+        if not 0.0 <= float(momentum) < 1.0:
+            raise ValueError(f"momentum={momentum!r} must be in [0, 1).")
+        if float(epsilon) < 0.0:
+            raise ValueError(f"epsilon={epsilon!r} must be >= 0.")
+        self.momentum = float(momentum)
+        self.epsilon = float(epsilon)
+        self.config = resolve_method(_method_arg(method))
+
+    def build(self, input_shape):
+        channels = int(input_shape[-1])
+        self.beta = self.add_weight("beta", shape=(channels,), initializer="zeros",
+                                    trainable=True)
+        self.moving_mean = self.add_weight("moving_mean", shape=(channels,),
+                                           initializer="zeros", trainable=False)
+        self.moving_sigma = self.add_weight("moving_sigma", shape=(channels,),
+                                            initializer="ones", trainable=False)
+        self.built = True
+
+    def _batch_stats(self, x):
+        axes = list(range(len(x.shape) - 1))
+        x = tf.stop_gradient(x)
+        mean = tf.reduce_mean(x, axis=axes)
+        sigma = tf.reduce_mean(tf.abs(x - mean), axis=axes) + self.epsilon
+        return ops.round_latent(mean, self.config), ops.round_latent(sigma, self.config)
+
+    def call(self, inputs, training=None):
+        if training is None:
+            training = keras.backend.learning_phase()
+        beta = ops.latent_weight(tf.convert_to_tensor(self.beta), self.config)
+        if isinstance(training, (bool, int)) and not isinstance(training, tf.Tensor):
+            out = self._train(inputs) if training else self._infer(inputs)
+        else:
+            out = tf.cond(tf.cast(training, tf.bool), lambda: self._train(inputs),
+                          lambda: self._infer(inputs))
+        return out + beta
+
+    def _train(self, x):
+        mean, sigma = self._batch_stats(x)
+        m = self.momentum
+        self.moving_mean.assign(m * self.moving_mean + (1.0 - m) * mean)
+        self.moving_sigma.assign(m * self.moving_sigma + (1.0 - m) * sigma)
+        return ops.l1_normalize(x, mean, sigma, self.config)
+
+    def _infer(self, x):
+        mean = ops.round_latent(tf.convert_to_tensor(self.moving_mean), self.config)
+        sigma = ops.round_latent(tf.convert_to_tensor(self.moving_sigma), self.config)
+        return (x - mean) / sigma
+
+    def compute_output_shape(self, input_shape):
+        return tf.TensorShape(input_shape)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(momentum=self.momentum, epsilon=self.epsilon,
+                      method=_config_dict(self.config) or "standard")
+        return config
+
+
+#: The layer classes whose memory the low-memory rules of ``memory.py`` describe.
+LOW_MEMORY_LAYERS = (BinaryDense, BinaryConv2D, L1BatchNormalization)

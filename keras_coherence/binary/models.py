@@ -1,0 +1,279 @@
+"""The binary networks of Wang et al. (arXiv 2102.04270), standard or low-memory.
+
+Every builder takes ``method``: ``"standard"`` builds the network from plain larq layers
+(``QuantDense`` / ``QuantConv2D`` with ``ste_sign`` input and kernel quantizers,
+``weight_clip``, no bias, and Keras ``BatchNormalization``: Courbariaux & Bengio
+training with float latent weights); ``"low_memory"`` (or ``"low_memory_po2"``, a
+:class:`~keras_coherence.binary.config.LowMemoryConfig`, or its dict) builds the same
+topology from :mod:`keras_coherence.binary.layers`. Layer names are the same in both,
+so weights can be matched by name.
+
+Each binary layer is followed by batch norm (l1 batch norm when the config says so);
+the next binary layer binarizes its input, so the batch-norm output of the last layer
+is the logits (no softmax: compile with ``from_logits=True``). The first layer keeps its
+real input. ``dense_as_conv=True`` writes every binary dense layer as a 1x1 binary
+convolution on ``(1, 1, C)`` tensors, the form the Larq Compute Engine turns into
+``LceBconv2d``.
+
+* :func:`mlp` -- 784-256-256-256-256-10 (MNIST).
+* :func:`cnv` -- FINN's CNV (CIFAR-10 / SVHN, 32x32x3).
+* :func:`binarynet` -- BinaryNet (CIFAR-10 / SVHN).
+* :func:`resnet_e18` -- ResNetE-18 (ImageNet).
+* :func:`build_model` -- one of them by name (``MODEL_NAMES``).
+
+>>> model = mlp(method="low_memory")
+>>> model.count_params(), model.output_shape
+(402974, (None, 10))
+"""
+from __future__ import annotations
+
+import difflib
+import numbers
+from typing import Sequence
+
+from keras_coherence._keras import keras
+from keras_coherence.binary import layers as bl
+from keras_coherence.binary.config import resolve_method
+from keras_coherence.models import _check_common
+
+__all__ = ["MODEL_NAMES", "build_model", "mlp", "cnv", "binarynet", "resnet_e18",
+           "default_input_shape"]
+
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-4
+
+
+class _Blocks:
+    """Makes the binary layers and batch norms of one model for one method."""
+
+    def __init__(self, method, dense_as_conv=False):
+        self.config = resolve_method(method)
+        self.method = method if self.config is not None else "standard"
+        self.dense_as_conv = bool(dense_as_conv)
+
+    @property
+    def standard(self):
+        return self.config is None
+
+    def conv(self, x, filters, kernel_size, name, strides=1, padding="valid",
+             first_layer=False):
+        if self.standard:
+            import larq as lq
+            layer = lq.layers.QuantConv2D(
+                filters, kernel_size, strides=strides, padding=padding, use_bias=False,
+                input_quantizer=None if first_layer else "ste_sign",
+                kernel_quantizer="ste_sign", kernel_constraint="weight_clip",
+                kernel_initializer=bl.bnn_initializer(), name=name)
+        else:
+            layer = bl.BinaryConv2D(filters, kernel_size, strides=strides, padding=padding,
+                                    first_layer=first_layer, method=self.config, name=name)
+        return layer(x)
+
+    def dense(self, x, units, name, first_layer=False):
+        """A binary dense layer on a flat ``x`` (or on ``(1, 1, C)`` in conv form)."""
+        if self.dense_as_conv:
+            return self.conv(x, units, 1, name, first_layer=first_layer)
+        if self.standard:
+            import larq as lq
+            layer = lq.layers.QuantDense(
+                units, use_bias=False, input_quantizer=None if first_layer else "ste_sign",
+                kernel_quantizer="ste_sign", kernel_constraint="weight_clip",
+                kernel_initializer=bl.bnn_initializer(), name=name)
+        else:
+            layer = bl.BinaryDense(units, first_layer=first_layer, method=self.config,
+                                   name=name)
+        return layer(x)
+
+    def flatten(self, x, name="flatten"):
+        x = keras.layers.Flatten(name=name)(x)
+        if self.dense_as_conv:
+            x = keras.layers.Reshape((1, 1, int(x.shape[-1])), name=f"{name}_to_1x1")(x)
+        return x
+
+    def unflatten(self, x, name="logits_flat"):
+        return keras.layers.Flatten(name=name)(x) if self.dense_as_conv else x
+
+    def batch_norm(self, x, name, binary=True):
+        """Batch norm after a layer; l1 batch norm after binary layers when configured."""
+        if binary and not self.standard and self.config.l1_batchnorm:
+            return bl.L1BatchNormalization(momentum=BN_MOMENTUM, method=self.config,
+                                           name=name)(x)
+        return keras.layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+                                               name=name)(x)
+
+
+def _check_widths(name, widths):
+    widths = tuple(widths)
+    if any(isinstance(w, bool) or not isinstance(w, numbers.Integral) or w < 1 for w in widths):
+        raise ValueError(f"{name}={widths!r} must be a sequence of positive integers.")
+    return tuple(int(w) for w in widths)
+
+
+def _image_shape(builder, input_shape, num_classes, min_size):
+    shape, num_classes = _check_common(input_shape, num_classes)
+    if len(shape) != 3 or min(shape[:2]) < min_size:
+        raise ValueError(
+            f"{builder} needs images (height, width, channels) of at least "
+            f"{min_size}x{min_size}, got input_shape={tuple(input_shape)!r}.")
+    return shape, num_classes
+
+
+def _dense_head(b, h, widths, num_classes, first_index):
+    """Flatten, then binary dense + batch norm for each width and for the logits."""
+    h = b.flatten(h)
+    last = first_index + len(widths)
+    for i, width in enumerate(tuple(widths) + (num_classes,), start=first_index):
+        name = "logits" if i == last else f"fc_{i}"
+        h = b.dense(h, width, name, first_layer=(i == 1))
+        h = b.batch_norm(h, "logits_bn" if i == last else f"bn_fc_{i}")
+    return b.unflatten(h)
+
+
+def mlp(input_shape: Sequence[int] = (28, 28, 1), num_classes: int = 10,
+        method="standard", hidden: Sequence[int] = (256, 256, 256, 256),
+        dense_as_conv: bool = False, name: str = "bnn_mlp") -> keras.Model:
+    """The paper's MNIST MLP: ``784 -> 256 x 4 -> 10``, binary weights everywhere, binary
+    activations after the first layer, batch norm after every layer.
+
+    Layers: ``fc_1`` .. ``fc_K`` + ``bn_fc_k``, then ``logits`` + ``logits_bn``.
+    """
+    shape, num_classes = _check_common(input_shape, num_classes)
+    widths = _check_widths("hidden", hidden)
+    b = _Blocks(method, dense_as_conv)
+    inputs = keras.Input(shape, name="input")
+    outputs = _dense_head(b, inputs, widths, num_classes, first_index=1)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def _conv_bn(b, h, filters, index, padding, first_layer=False, pool_before_bn=False):
+    h = b.conv(h, filters, 3, f"conv_{index}", padding=padding, first_layer=first_layer)
+    if pool_before_bn:
+        h = keras.layers.MaxPooling2D(2, name=f"pool_{index}")(h)
+    return b.batch_norm(h, f"bn_conv_{index}")
+
+
+def _vgg_like(builder, input_shape, num_classes, method, filters, fc, dense_as_conv, name,
+              padding, min_size, pool_before_bn):
+    """Six 3x3 binary convs in pairs with a 2x2 max pool after each pair (the last pair's
+    pool only with ``"same"`` padding), then the binary dense head."""
+    shape, num_classes = _image_shape(builder, input_shape, num_classes, min_size)
+    filters = _check_widths("filters", filters)
+    if len(filters) != 6:
+        raise ValueError(f"filters={filters!r} must have 6 entries.")
+    b = _Blocks(method, dense_as_conv)
+    inputs = keras.Input(shape, name="input")
+    h = inputs
+    for i, f in enumerate(filters, start=1):
+        pooled = i % 2 == 0 and (pool_before_bn or i < 6)
+        h = _conv_bn(b, h, f, i, padding, first_layer=(i == 1),
+                     pool_before_bn=pooled and pool_before_bn)
+        if pooled and not pool_before_bn:
+            h = keras.layers.MaxPooling2D(2, name=f"pool_{i}")(h)
+    outputs = _dense_head(b, h, _check_widths("fc", fc), num_classes, first_index=7)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def cnv(input_shape: Sequence[int] = (32, 32, 3), num_classes: int = 10, method="standard",
+        filters: Sequence[int] = (64, 64, 128, 128, 256, 256), fc: Sequence[int] = (512, 512),
+        dense_as_conv: bool = False, name: str = "cnv") -> keras.Model:
+    """FINN's CNV: 3x3 valid convs 64, 64 - pool - 128, 128 - pool - 256, 256 - FC 512,
+    512, logits. Pooling follows the second batch norm of each pair (it commutes with the
+    next layer's input binarization)."""
+    return _vgg_like("cnv", input_shape, num_classes, method, filters, fc, dense_as_conv,
+                     name, "valid", 28, pool_before_bn=False)
+
+
+def binarynet(input_shape: Sequence[int] = (32, 32, 3), num_classes: int = 10,
+              method="standard", filters: Sequence[int] = (128, 128, 256, 256, 512, 512),
+              fc: Sequence[int] = (1024, 1024), dense_as_conv: bool = False,
+              name: str = "binarynet") -> keras.Model:
+    """BinaryNet (Courbariaux et al.): 3x3 same convs 128, 128 - pool - 256, 256 - pool -
+    512, 512 - pool - FC 1024, 1024, logits. Each pool sits between a conv and its batch
+    norm, as in the paper's code."""
+    return _vgg_like("binarynet", input_shape, num_classes, method, filters, fc,
+                     dense_as_conv, name, "same", 8, pool_before_bn=True)
+
+
+def resnet_e18(input_shape: Sequence[int] = (224, 224, 3), num_classes: int = 1000,
+               method="standard", width: int = 64, name: str = "resnet_e18") -> keras.Model:
+    """ResNetE-18 (Bethge et al.; larq-zoo's ``BinaryResNetE18`` topology).
+
+    Real stem: 7x7/2 conv ``width`` + BN + ReLU + 3x3/2 max pool. Then 4 stages x 2
+    blocks x 2 binary units, each ``sign -> binary 3x3 conv -> BN -> + shortcut`` (the
+    shortcut is the identity, or 2x2 average pool + real 1x1 conv + BN where the stage
+    halves the resolution and doubles the width). Head: ReLU, global average pool, real
+    dense logits. Binary units are named ``stage{s}_block{b}_conv{u}``.
+    """
+    shape, num_classes = _image_shape("resnet_e18", input_shape, num_classes, 32)
+    if isinstance(width, bool) or not isinstance(width, numbers.Integral) or width < 1:
+        raise ValueError(f"width={width!r} must be a positive integer.")
+    b = _Blocks(method)
+    inputs = keras.Input(shape, name="input")
+    h = keras.layers.Conv2D(width, 7, strides=2, padding="same", use_bias=False,
+                            name="stem_conv")(inputs)
+    h = b.batch_norm(h, "stem_bn", binary=False)
+    h = keras.layers.Activation("relu", name="stem_relu")(h)
+    h = keras.layers.MaxPooling2D(3, strides=2, padding="same", name="stem_pool")(h)
+    for stage in range(4):
+        for block in range(2):
+            for unit in range(2):
+                prefix = f"stage{stage + 1}_block{block + 1}_conv{unit + 1}"
+                down = stage > 0 and block == 0 and unit == 0
+                filters = width * 2 ** stage
+                y = b.conv(h, filters, 3, prefix, strides=2 if down else 1, padding="same")
+                y = b.batch_norm(y, f"{prefix}_bn")
+                shortcut = h
+                if down:
+                    shortcut = keras.layers.AveragePooling2D(2, name=f"{prefix}_sc_pool")(h)
+                    shortcut = keras.layers.Conv2D(filters, 1, use_bias=False,
+                                                   name=f"{prefix}_sc_conv")(shortcut)
+                    shortcut = b.batch_norm(shortcut, f"{prefix}_sc_bn", binary=False)
+                h = keras.layers.Add(name=f"{prefix}_add")([y, shortcut])
+    h = keras.layers.Activation("relu", name="head_relu")(h)
+    h = keras.layers.GlobalAveragePooling2D(name="head_pool")(h)
+    outputs = keras.layers.Dense(num_classes, name="logits")(h)
+    return keras.Model(inputs, outputs, name=name)
+
+
+_BUILDERS = {"mlp": mlp, "cnv": cnv, "binarynet": binarynet, "resnet_e18": resnet_e18}
+_ALIASES = {"resnete18": "resnet_e18", "resnet-e18": "resnet_e18", "resnete-18": "resnet_e18",
+            "binary_net": "binarynet"}
+_DEFAULT_SHAPES = {"mlp": ((28, 28, 1), 10), "cnv": ((32, 32, 3), 10),
+                   "binarynet": ((32, 32, 3), 10), "resnet_e18": ((224, 224, 3), 1000)}
+
+#: Names accepted by :func:`build_model`.
+MODEL_NAMES = tuple(_BUILDERS)
+
+
+def _key(name):
+    key = name.strip().lower() if isinstance(name, str) else name
+    key = _ALIASES.get(key, key)
+    if key not in _BUILDERS:
+        close = difflib.get_close_matches(str(name), list(_BUILDERS) + list(_ALIASES), n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(
+            f"Unknown binary model {name!r}. Known models: {', '.join(MODEL_NAMES)}.{hint}")
+    return key
+
+
+def default_input_shape(name: str):
+    """``(input_shape, num_classes)`` of the paper's dataset for a model name."""
+    return _DEFAULT_SHAPES[_key(name)]
+
+
+def build_model(name: str, method="standard", input_shape=None, num_classes=None,
+                **kwargs) -> keras.Model:
+    """Build a binary model by name (``MODEL_NAMES``), with the paper's input shape and
+    class count unless given.
+
+    >>> build_model("cnv", "low_memory").count_params()
+    1548638
+    >>> build_model("alexnet")
+    Traceback (most recent call last):
+    ...
+    ValueError: Unknown binary model 'alexnet'. Known models: mlp, cnv, binarynet, resnet_e18.
+    """
+    key = _key(name)
+    default_shape, default_classes = _DEFAULT_SHAPES[key]
+    return _BUILDERS[key](input_shape=input_shape or default_shape,
+                          num_classes=num_classes or default_classes, method=method, **kwargs)

@@ -1,0 +1,301 @@
+"""Forward and hand-written backward passes of low-memory binary-network training.
+
+Every backward pass here is an explicit ``tf.custom_gradient`` built only from ops that
+the TFLite converter lowers to builtins (``MATMUL``/``FULLY_CONNECTED``, ``CONV_2D``,
+``TRANSPOSE_CONV``, ``TRANSPOSE``, ``PAD``, ``SLICE``, ``REVERSE_V2``, ``SIGN``-free
+``SELECT_V2``, ``CAST``, ``ABS``, ``MEAN``/``SUM``, ``MUL``/``ADD``/``DIV``,
+``LOG``/``POW``/``ROUND``, comparisons): no ``tf.py_function`` and nothing that needs
+the Flex delegate (autodiff's ``Conv2DBackpropFilter``, ``ReluGrad`` and friends).
+The same code can therefore be traced into a TFLite *training* signature that runs in
+the plain LiteRT interpreter.
+
+Conventions (Wang et al., arXiv 2102.04270, §5.3 of the project spec):
+
+* ``binary_sign(x)`` is ``+1`` for ``x >= 0`` and ``-1`` otherwise (larq's convention).
+* A binary layer binarizes its *input* (larq style) with a straight-through estimator
+  that passes the gradient where ``|x| <= 1``, and its kernel with
+  ``sign(clip(w, -1, 1))`` whose gradient is masked by ``|w| <= 1``. The first layer
+  of a network keeps its real input (``first_layer=True``).
+* Which tensors a backward pass keeps, and in which precision, is set by a
+  :class:`~keras_coherence.binary.config.LowMemoryConfig`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+from keras_coherence._keras import tf
+from keras_coherence.binary.config import LowMemoryConfig
+
+__all__ = ["binary_sign", "po2_round", "round_gradient", "round_latent", "latent_weight",
+           "binary_matmul", "binary_conv2d", "l1_normalize", "conv_input_grad",
+           "conv_filter_grad", "same_padding"]
+
+_LN2 = math.log(2.0)
+
+
+# --------------------------------------------------------------------------------------
+# Element-wise helpers
+# --------------------------------------------------------------------------------------
+
+
+def binary_sign(x):
+    """``+1`` where ``x >= 0``, ``-1`` elsewhere, in ``x``'s dtype (no gradient)."""
+    one = tf.ones_like(x)
+    return tf.where(x >= 0, one, -one)
+
+
+def _sign_from_bits(bits, dtype=tf.float32):
+    """``+1``/``-1`` from a ``bool`` tensor of "is non-negative" bits."""
+    one = tf.ones(tf.shape(bits), dtype)
+    return tf.where(bits, one, -one)
+
+
+def _fp16(x):
+    return tf.cast(tf.cast(x, tf.float16), x.dtype)
+
+
+def po2_round(g, exponent_bits: int = 4, bias: int = 8):
+    """Round a gradient tensor to signed powers of two with an ``exponent_bits`` exponent.
+
+    One shift per tensor, ``b = bias - round(log2(max|g|))``; then each element
+    ``v = g * 2**b`` becomes ``sign(v) * 2**clip(round(log2|v|), -2**(bits-1),
+    2**(bits-1) - 1)`` and is shifted back by ``2**-b``. Zeros stay zero; an all-zero
+    tensor is returned unchanged. (The exponent is rounded in the log domain, the
+    paper's convention; ``pow`` keeps it TFLite-builtin, where the bit tricks of
+    :mod:`keras_coherence.quantization._po2` would need ``BITCAST``.) With the paper's
+    bias 8 the largest magnitudes land on ``2**8`` before the clip and saturate at
+    ``2**7``: here 3 becomes 2, and tiny values floor at ``2**-8`` of the shifted scale.
+
+    >>> po2_round(tf.constant([3.0, -0.3, 0.0, 1e-9])).numpy().tolist()
+    [2.0, -0.25, 0.0, 6.103515625e-05]
+    """
+    g = tf.convert_to_tensor(g)
+    lo, hi = -(2 ** (exponent_bits - 1)), 2 ** (exponent_bits - 1) - 1
+    top = tf.reduce_max(tf.abs(g))
+    safe_top = tf.where(top > 0, top, tf.ones_like(top))
+    shift = float(bias) - tf.math.round(tf.math.log(safe_top) / _LN2)
+    v = g * tf.pow(tf.constant(2.0, g.dtype), shift)
+    mag = tf.abs(v)
+    safe_mag = tf.where(mag > 0, mag, tf.ones_like(mag))
+    e = tf.clip_by_value(tf.math.round(tf.math.log(safe_mag) / _LN2), float(lo), float(hi))
+    sign = tf.where(v > 0, tf.ones_like(v), tf.where(v < 0, -tf.ones_like(v), tf.zeros_like(v)))
+    return sign * tf.pow(tf.constant(2.0, g.dtype), e - shift)
+
+
+def round_gradient(g, config: LowMemoryConfig):
+    """``g`` rounded as ``config.activation_grad`` says (``float32`` leaves it alone)."""
+    if config is None or config.activation_grad == "float32":
+        return g
+    if config.activation_grad == "float16":
+        return _fp16(g)
+    return po2_round(g, config.po2_exponent_bits, config.po2_bias)
+
+
+def round_latent(x, config: LowMemoryConfig):
+    """``x`` rounded to float16 values when ``config.latent_weights == "float16"``."""
+    if config is not None and config.latent_weights == "float16":
+        return _fp16(x)
+    return x
+
+
+def latent_weight(w, config: LowMemoryConfig):
+    """A latent weight as the forward pass sees it: float16-rounded with a float16-rounded
+    gradient when ``config.latent_weights == "float16"``, else ``w`` itself."""
+    if config is None or config.latent_weights != "float16":
+        return w
+
+    @tf.custom_gradient
+    def _fp16_latent(v):
+        return _fp16(v), _fp16
+
+    return _fp16_latent(w)
+
+
+# --------------------------------------------------------------------------------------
+# What a binary layer keeps for its backward pass
+# --------------------------------------------------------------------------------------
+
+
+def _saved_input(x, config, first_layer):
+    """Returns ``(forward_input, restore)``: ``restore()`` rebuilds, in the backward
+    pass, ``(input used by the forward product, STE mask or None)`` from what is kept."""
+    if first_layer:
+        return x, lambda: (x, None)
+    if config is not None and config.binary_activation_retention:
+        sign_bits = x >= 0                      # 1 bit per element
+        mask_bits = tf.abs(x) <= 1.0            # 1 bit per element
+        return binary_sign(x), lambda: (_sign_from_bits(sign_bits, x.dtype),
+                                        tf.cast(mask_bits, x.dtype))
+    return binary_sign(x), lambda: (binary_sign(x), tf.cast(tf.abs(x) <= 1.0, x.dtype))
+
+
+def _kernel_grad(dw, w_used, config):
+    """Kernel gradient: optionally ``sign(dW)/sqrt(N)``, then the clip-STE mask."""
+    if config is not None and config.binarize_weight_grads:
+        n = 1
+        for d in w_used.shape:
+            n *= int(d)
+        dw = binary_sign(dw) * (1.0 / math.sqrt(n))
+    return dw * tf.cast(tf.abs(w_used) <= 1.0, dw.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# Binary dense
+# --------------------------------------------------------------------------------------
+
+
+def binary_matmul(x, kernel, config: LowMemoryConfig, first_layer: bool = False):
+    """``sign(x) @ sign(clip(kernel))`` (``x @ ...`` for a first layer), low-memory backward.
+
+    Backward with output gradient ``dz`` (after :func:`round_gradient`):
+    ``dx = (dz @ Wbᵀ) * 1{|x|<=1}`` and ``dW = xbᵀ @ dz`` (optionally binarized, then
+    masked by ``|W| <= 1``), where ``xb`` comes from the stored sign bits.
+    """
+    w_latent = latent_weight(tf.convert_to_tensor(kernel), config)
+
+    @tf.custom_gradient
+    def _op(x, w):
+        wb = binary_sign(w)
+        x_fwd, restore = _saved_input(x, config, first_layer)
+        z = tf.matmul(x_fwd, wb)
+
+        def grad(dz):
+            dz = round_gradient(dz, config)
+            x_saved, mask = restore()
+            dx = tf.matmul(dz, wb, transpose_b=True)
+            if mask is not None:
+                dx = dx * mask
+            dw = tf.matmul(x_saved, dz, transpose_a=True)
+            return dx, _kernel_grad(dw, w, config)
+
+        return z, grad
+
+    return _op(x, w_latent)
+
+
+# --------------------------------------------------------------------------------------
+# Binary conv2d (NHWC, HWIO kernels)
+# --------------------------------------------------------------------------------------
+
+
+def _pair(v):
+    return (int(v), int(v)) if isinstance(v, (int,)) else tuple(int(a) for a in v)
+
+
+def same_padding(size: int, k: int, stride: int):
+    """``(before, after)`` zero padding TensorFlow's ``"SAME"`` uses along one axis."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + k - size, 0)
+    return total // 2, total - total // 2
+
+
+def _explicit_padding(x_shape, ksize, strides, padding):
+    if padding == "VALID":
+        return (0, 0), (0, 0)
+    return (same_padding(int(x_shape[1]), ksize[0], strides[0]),
+            same_padding(int(x_shape[2]), ksize[1], strides[1]))
+
+
+def conv_filter_grad(x, dz, ksize: Sequence[int], strides: Sequence[int], padding: str):
+    """Kernel gradient of ``conv2d(x, W, strides, padding)`` as one forward ``conv2d``.
+
+    The batch becomes the contraction (channel) axis: ``x`` transposed to
+    ``[Cin, H, W, N]`` is convolved with ``dz`` transposed to ``[Ho, Wo, N, Cout]``,
+    dilated by the stride, and the ``[kh, kw]`` corner is kept -- no
+    ``Conv2DBackpropFilter`` (a Flex op in TFLite).
+    """
+    kh, kw = ksize
+    (pt, pb), (pl, pr) = _explicit_padding(x.shape, ksize, strides, padding)
+    if pt or pb or pl or pr:
+        x = tf.pad(x, [[0, 0], [pt, pb], [pl, pr], [0, 0]])
+    xt = tf.transpose(x, [3, 1, 2, 0])
+    dzt = tf.transpose(dz, [1, 2, 0, 3])
+    out = tf.nn.conv2d(xt, dzt, strides=1, padding="VALID", dilations=list(strides))
+    out = out[:, :kh, :kw, :]
+    return tf.transpose(out, [1, 2, 0, 3])
+
+
+def conv_input_grad(dz, kernel, x_shape, strides: Sequence[int], padding: str):
+    """Input gradient of ``conv2d(x, kernel, strides, padding)``.
+
+    Stride 1: a ``conv2d`` of the zero-padded ``dz`` with the spatially reversed,
+    in/out-transposed kernel (``CONV_2D`` in TFLite). Larger strides:
+    ``conv2d_transpose`` (``TRANSPOSE_CONV``).
+    """
+    kh, kw = int(kernel.shape[0]), int(kernel.shape[1])
+    if tuple(strides) != (1, 1):
+        out_shape = tf.concat([tf.shape(dz)[:1], tf.constant([int(d) for d in x_shape[1:]])], 0)
+        return tf.nn.conv2d_transpose(dz, kernel, out_shape, strides=list(strides),
+                                      padding=padding)
+    (pt, pb), (pl, pr) = _explicit_padding(x_shape, (kh, kw), strides, padding)
+    dz = tf.pad(dz, [[0, 0], [kh - 1 - pt, kh - 1 - pb], [kw - 1 - pl, kw - 1 - pr], [0, 0]])
+    flipped = tf.transpose(tf.reverse(kernel, [0, 1]), [0, 1, 3, 2])
+    return tf.nn.conv2d(dz, flipped, strides=1, padding="VALID")
+
+
+def binary_conv2d(x, kernel, strides=(1, 1), padding="VALID",
+                  config: LowMemoryConfig = None, first_layer: bool = False):
+    """``conv2d(sign(x), sign(clip(kernel)))`` (real ``x`` for a first layer), with the
+    low-memory backward of :func:`binary_matmul` written with forward convolutions."""
+    strides = _pair(strides)
+    padding = padding.upper()
+    if padding not in ("VALID", "SAME"):
+        raise ValueError(f"padding={padding!r} must be 'valid' or 'same'.")
+    w_latent = latent_weight(tf.convert_to_tensor(kernel), config)
+    x_shape = x.shape
+
+    @tf.custom_gradient
+    def _op(x, w):
+        wb = binary_sign(w)
+        x_fwd, restore = _saved_input(x, config, first_layer)
+        z = tf.nn.conv2d(x_fwd, wb, strides=list(strides), padding=padding)
+
+        def grad(dz):
+            dz = round_gradient(dz, config)
+            x_saved, mask = restore()
+            dx = conv_input_grad(dz, wb, x_shape, strides, padding)
+            if mask is not None:
+                dx = dx * mask
+            dw = conv_filter_grad(x_saved, dz, wb.shape[:2], strides, padding)
+            return dx, _kernel_grad(dw, w, config)
+
+        return z, grad
+
+    return _op(x, w_latent)
+
+
+# --------------------------------------------------------------------------------------
+# l1 batch norm
+# --------------------------------------------------------------------------------------
+
+
+def l1_normalize(x, mean, sigma, config: LowMemoryConfig):
+    """Training-mode l1 batch norm without beta: ``x_hat = (x - mean) / sigma``.
+
+    ``mean`` and ``sigma`` are the batch's per-channel mean and mean absolute deviation
+    (treated as constants by autodiff; the backward below accounts for them). The
+    backward keeps only ``sign(x_hat)`` (bits) and ``s = mean|x_hat|`` per channel:
+
+    ``d = round(dy) / sigma;  dx = d - mean(d) - sign(x_hat) * mean(d * sign(x_hat)) * s``
+
+    with means over every axis but the last (batch and spatial).
+    """
+    axes = list(range(len(x.shape) - 1))
+
+    @tf.custom_gradient
+    def _op(x, mean, sigma):
+        x_hat = (x - mean) / sigma
+        sign_bits = x_hat >= 0
+        s = tf.reduce_mean(tf.abs(x_hat), axis=axes, keepdims=True)
+
+        def grad(dy):
+            d = round_gradient(dy, config) / sigma
+            sgn = _sign_from_bits(sign_bits, d.dtype)
+            dx = (d - tf.reduce_mean(d, axis=axes, keepdims=True)
+                  - sgn * tf.reduce_mean(d * sgn, axis=axes, keepdims=True) * s)
+            return dx, tf.zeros_like(mean), tf.zeros_like(sigma)
+
+        return x_hat, grad
+
+    return _op(x, mean, sigma)
