@@ -360,7 +360,7 @@ def test_training_step_converts_to_builtin_tflite_and_trains_in_litert(tmp_path)
     assert np.all(np.isfinite(losses)) and min(losses[1:]) < losses[0]
 
 
-@pytest.mark.parametrize("module", ["config", "ops", "layers", "models", "training"])
+@pytest.mark.parametrize("module", ["config", "ops", "layers", "models", "training", "memory"])
 def test_docstring_examples(module):
     import doctest
     import importlib
