@@ -278,10 +278,31 @@ def test_weighted_msqe_matches_the_numpy_reference(x, bits, per_channel, sqrt_we
     near = np.abs(np.abs(x) - 2.0 * std) <= 1e-5 * (std + 1e-30)
     assume(not near.any())  # no element at the outlier threshold within float error
     q(x, training=True)
-    w = np_msqe_weights(x, axes, m2.astype(np.float64), sqrt_weight, outlier_sigma=2.0)
+    group = int(np.prod([x.shape[a] for a in axes]))  # no mask below outlier_min_size=16
+    w = np_msqe_weights(x, axes, m2.astype(np.float64), sqrt_weight, outlier_sigma=2.0 if group >= 16 else None)
     err = np_err(x, q.exponent().numpy().astype(np.float64), qp_of(bits), axes, w)
     _, window_min = np_msqe_po2_window(x, bits, axes, w)
     np.testing.assert_allclose(err, window_min, rtol=1e-5, atol=1e-12 * float(np.sum(w * x.astype(np.float64) ** 2)))
+
+
+def test_outlier_mask_skips_small_groups_like_depthwise_channels():
+    # A 3x3 depthwise kernel per channel: 9 weights share an exponent, one tap dominates.
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(3, 3, 1, 8)) * 0.05).astype(np.float32)
+    x[1, 1, 0, :] = 0.8
+    axes = (0, 1, 2)
+    default = MSQEPo2(bits=4, per_channel=True, use_second_moments=False)
+    default(x, training=True)
+    masked = MSQEPo2(bits=4, per_channel=True, use_second_moments=False, outlier_min_size=0)
+    masked(x, training=True)
+    w = np_msqe_weights(x, axes, None, outlier_sigma=2.0)
+    assert (w[1, 1, 0, :] == 0).all()  # the reference mask drops the dominant tap
+    for q, weight in ((default, None), (masked, w)):
+        err = np_err(x, q.exponent().numpy().astype(np.float64), 7, axes, weight)
+        np.testing.assert_allclose(err, np_msqe_po2_window(x, 4, axes, weight)[1], rtol=1e-6)
+    # Unmasked, the dominant tap is not clipped; masked, it is.
+    clip = lambda e: np.abs(x[1, 1, 0, :]) / 2.0 ** np.ravel(e) > 7.5  # noqa: E731
+    assert not clip(default.exponent().numpy()).any() and clip(masked.exponent().numpy()).all()
 
 
 def test_outlier_mask_ignores_outliers_and_beats_the_baseline_on_inliers():

@@ -126,7 +126,7 @@ class MSQEPo2(PO2Quantizer):
     per-replica squared gradients). With ``training=False`` the stored exponent is used; a
     quantizer that never ran in training searches (without storing).
 
-    >>> q = MSQEPo2(bits=4, use_second_moments=False)
+    >>> q = MSQEPo2(bits=4, use_second_moments=False, outlier_min_size=0)  # mask even 5 weights
     >>> x = tf.constant([0.1, -0.35, 0.7, 0.02, 5.0])   # 5.0 is an outlier
     >>> y = q(x, training=True)
     >>> int(q.exponent().numpy()[0]), y.numpy().tolist()
@@ -138,6 +138,10 @@ class MSQEPo2(PO2Quantizer):
         bits, per_channel, channel_axis, check_numerics: see ``PO2Quantizer``.
         outlier_mask: exclude ``|x| > outlier_sigma * std`` from the fit.
         outlier_sigma: the outlier threshold in standard deviations (2.0).
+        outlier_min_size: no mask for exponents shared by fewer elements (16). A
+            3x3 depthwise kernel quantized per channel has 9 weights per exponent;
+            masking at 2 sigma there drops (and then clips) each channel's dominant
+            tap: MobileNetV2 fell from 71.2% to 59.9% before QAT with the mask.
         use_second_moments: weight the squared error by the gradient second moment.
         second_moment_decay: EMA decay of ``m2`` (0.999).
         sqrt_weight: weight by ``sqrt(m2)`` instead of ``m2``.
@@ -154,6 +158,7 @@ class MSQEPo2(PO2Quantizer):
         channel_axis=-1,
         outlier_mask=True,
         outlier_sigma=2.0,
+        outlier_min_size=16,
         use_second_moments=True,
         second_moment_decay=0.999,
         sqrt_weight=True,
@@ -167,6 +172,7 @@ class MSQEPo2(PO2Quantizer):
         super().__init__(bits, per_channel, channel_axis, check_numerics, **kwargs)
         self.outlier_mask = bool(outlier_mask)
         self.outlier_sigma = float(outlier_sigma)
+        self.outlier_min_size = int(outlier_min_size)
         self.use_second_moments = bool(use_second_moments)
         self.second_moment_decay = float(second_moment_decay)
         self.sqrt_weight = bool(sqrt_weight)
@@ -188,13 +194,18 @@ class MSQEPo2(PO2Quantizer):
         return state
 
     # ------------------------------------------------------------- the search
+    def _masks_groups_of(self, shape, axes):
+        """Whether the outlier mask applies: groups sharing an exponent are large enough."""
+        dims = [shape[a] for a in axes]
+        return any(d is None for d in dims) or _num_elements(dims) >= self.outlier_min_size
+
     def msqe_weight(self, x, axes, state):
         """Per-element weights of the squared error, or None for unweighted."""
         w = None
         if self.use_second_moments:
             m2 = tf.convert_to_tensor(state["m2"])
             w = (tf.sqrt(m2) if self.sqrt_weight else m2) * tf.ones_like(x)
-        if self.outlier_mask:
+        if self.outlier_mask and self._masks_groups_of(x.shape, axes):
             std = tf.math.reduce_std(x, axis=axes, keepdims=True)
             mask = tf.cast(tf.abs(x) <= self.outlier_sigma * std, x.dtype)
             w = mask if w is None else w * mask
@@ -289,6 +300,7 @@ class MSQEPo2(PO2Quantizer):
         config = {
             "outlier_mask": self.outlier_mask,
             "outlier_sigma": self.outlier_sigma,
+            "outlier_min_size": self.outlier_min_size,
             "use_second_moments": self.use_second_moments,
             "second_moment_decay": self.second_moment_decay,
             "sqrt_weight": self.sqrt_weight,
