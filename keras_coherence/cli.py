@@ -10,6 +10,11 @@ Subcommands:
   RA3 or plain SGD), optionally on noisy labels, tracking the accuracy on the
   pristine and corrupt training examples and the test set after every epoch; writes
   ``aggregate.csv``, ``aggregate.png`` and ``summary.json``.
+* ``quantize`` -- train in float, then quantization-aware with power-of-two (PO2)
+  weight quantizers while a :class:`~keras_coherence.quantization.ScaleMonitor`
+  records the scales; export an integer TFLite model and compare the float,
+  quantized (Keras) and TFLite test accuracy; writes ``quantize.csv``,
+  ``quantize.png``, ``model.tflite`` and ``summary.json``.
 * ``demo`` -- short versions of the jobs above (what ``make demo`` runs).
 
 Run ``keras-coherence COMMAND --help`` for the options of one subcommand.
@@ -48,7 +53,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple  # noqa:
 
 import numpy as np  # noqa: E402
 
-__all__ = ["UsageError", "arg", "demo_section", "main", "run_aggregate", "run_coherence", "subcommand"]
+__all__ = ["UsageError", "arg", "demo_section", "main", "run_aggregate", "run_coherence", "run_quantize",
+           "subcommand"]
 
 PROG = "keras-coherence"
 _AUTO_MEASUREMENTS = 50  # --every-n-steps auto: about this many measurements per run
@@ -597,6 +603,240 @@ def aggregate_command(args):
 
 
 # --------------------------------------------------------------------------------------
+# The quantize job
+# --------------------------------------------------------------------------------------
+
+QUANTIZE_MODELS = ("mlp", "small_cnn", "mobilenet_v1", "mobilenet_v2")
+QUANTIZE_METHODS = ("msqe_baseline", "msqe", "learned", "tfmot8")
+
+
+#: The ``quantize`` options (with ``TRAINING_ARGS`` less --model, --epochs and the label noise).
+QUANTIZE_ARGS = [
+    *[a for a in TRAINING_ARGS if a[0][0] not in ("--model", "--epochs", "--label-noise", "--noise-mode")],
+    arg("--model", default="small_cnn", choices=QUANTIZE_MODELS,
+        help="model architecture; the MobileNets get the images zero-padded to 32x32x3"),
+    arg("--alpha", type=_positive_float, default=None,
+        help="width multiplier of the MobileNets (default 0.25 for v1, 0.35 for v2)"),
+    arg("--method", default="msqe", choices=QUANTIZE_METHODS,
+        help="PO2 weight quantizer: 'msqe_baseline' (QKeras auto_po2), 'msqe' (MSQE with the "
+             "paper's fixes), 'learned' (learned log2-scale); or 'tfmot8', tfmot's default 8-bit "
+             "QAT (float scales, a reference)"),
+    arg("--bits", type=int, choices=range(2, 9), default=None, metavar="{2..8}",
+        help="weight bits (default 4; tfmot8 is 8-bit)"),
+    arg("--per-channel", action=argparse.BooleanOptionalAction, default=True,
+        help="one exponent per output channel of Conv2D / DepthwiseConv2D (Dense kernels are "
+             "always per tensor)"),
+    arg("--float-epochs", type=_positive_int, default=2, help="epochs of float training"),
+    arg("--qat-epochs", type=_positive_int, default=1, help="epochs of quantization-aware training"),
+    arg("--qat-lr", type=_positive_float, default=None,
+        help="SGD learning rate of the QAT epochs (default: --lr / 10)"),
+    arg("--every-n-steps", type=_positive_int, default=1, metavar="N",
+        help="ScaleMonitor records the PO2 scales every N QAT steps"),
+    arg("--out", default=os.path.join("runs", "quantize"), metavar="DIR", help="output directory"),
+]
+
+
+def _quantize_float_model(args, input_shape, num_classes):
+    from keras_coherence import models
+
+    if args.alpha is None:
+        return _build(args, input_shape, num_classes)
+    if not args.model.startswith("mobilenet"):
+        raise UsageError("--alpha only applies to --model mobilenet_v1 / mobilenet_v2.")
+    if args.hidden is not None:
+        raise UsageError("--hidden only applies to --model mlp.")
+    try:
+        return models.build_model(args.model, input_shape, num_classes, alpha=args.alpha)
+    except ValueError as err:
+        raise UsageError(f"--model {args.model}: {err}") from err
+
+
+def _tflite_scales(tflite_model) -> Dict[str, Any]:
+    """Whether every CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED weight tensor of a
+    TFLite model has exact power-of-two scales (and zero points 0)."""
+    from keras_coherence.quantization.export import tflite_kernels
+
+    kernels = tflite_kernels(tflite_model)
+    po2 = [bool(np.all(np.frexp(k["scales"])[0] == 0.5)) and k["scales"].size > 0 for k in kernels]
+    return {
+        "weight_tensors": len(kernels),
+        "po2_tensors": int(sum(po2)),
+        "all_scales_po2": bool(kernels) and all(po2),
+        "zero_points_zero": all(bool(np.all(k["zero_points"] == 0)) for k in kernels),
+        "max_abs_weight_code": max((int(np.abs(k["values"].astype(np.int64)).max()) for k in kernels), default=0),
+    }
+
+
+def run_quantize(args: argparse.Namespace, out_dir: str, log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Train ``args.model`` in float, then quantization-aware with PO2 weight quantizers
+    (``quantize_model``, ``args.method``, ``args.bits``) while a
+    :class:`~keras_coherence.quantization.ScaleMonitor` records the scales; export an
+    integer TFLite file and compare the float, quantized Keras and TFLite accuracy on
+    the test set. Writes ``quantize.csv`` (the monitor's rows), ``quantize.png``,
+    ``model.tflite`` and ``summary.json`` to ``out_dir``; returns the summary dict.
+
+    ``args`` holds the ``quantize`` subcommand's options (``QUANTIZE_ARGS``); with
+    ``--method tfmot8`` tfmot's default 8-bit scheme replaces the PO2 quantizers (no
+    monitor, no CSV or plot). Raises :class:`UsageError` for bad options.
+    """
+    from keras_coherence import __version__, models
+    from keras_coherence._keras import keras, tf
+
+    start = time.perf_counter()
+    tfmot8 = args.method == "tfmot8"
+    if tfmot8 and args.bits not in (None, 8):
+        raise UsageError(f"--method tfmot8 quantizes to 8 bits; drop --bits {args.bits} or pick a PO2 method.")
+    bits = 8 if tfmot8 else (args.bits or 4)
+    qat_lr = args.qat_lr if args.qat_lr is not None else args.lr / 10
+    keras.utils.set_random_seed(args.seed)
+    (x_train, y_train), (x_test, y_test), num_classes, input_shape = _load_data(args)
+    if len(x_test) == 0:
+        raise UsageError(f"--dataset {args.dataset}: the test split is empty; the accuracies need it.")
+    if args.model.startswith("mobilenet") and len(input_shape) == 3 and (
+            min(input_shape[:2]) < 32 or input_shape[2] == 1):
+        size = max(32, *input_shape[:2])
+        try:
+            x_train, x_test = models.pad_images(x_train, size), models.pad_images(x_test, size)
+        except ValueError as err:
+            raise UsageError(f"--model {args.model}: {err}") from err
+        input_shape = tuple(x_train.shape[1:])
+    n = len(x_train)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    float_model = _quantize_float_model(args, input_shape, num_classes)
+    float_model.compile(keras.optimizers.SGD(args.lr), loss, metrics=["accuracy"])
+    steps_per_epoch = math.ceil(n / args.batch_size)
+    scheme = "tfmot's default 8-bit QAT" if tfmot8 else (
+        f"{bits}-bit {args.method} PO2 weights (one exponent per "
+        f"{'conv output channel, per Dense kernel' if args.per_channel else 'kernel'})")
+    log(f"quantize: {args.model} ({float_model.count_params():,} parameters) on {args.dataset}, {n} training "
+        f"examples, batch {args.batch_size}; float: {args.float_epochs} epoch{'s' if args.float_epochs != 1 else ''} "
+        f"SGD lr {args.lr}; QAT: {scheme}, 8-bit activations, {args.qat_epochs} "
+        f"epoch{'s' if args.qat_epochs != 1 else ''} SGD lr {qat_lr:g}")
+    verbose = 0 if args.quiet else 1
+    t0 = time.perf_counter()
+    float_model.fit(x_train, y_train, batch_size=args.batch_size, epochs=args.float_epochs, shuffle=True,
+                    verbose=verbose)
+    float_seconds = time.perf_counter() - t0
+    _, float_acc = float_model.evaluate(x_test, y_test, batch_size=1024, verbose=0)
+
+    monitor = None
+    t0 = time.perf_counter()
+    if tfmot8:
+        import tensorflow_model_optimization as tfmot
+
+        qmodel = tfmot.quantization.keras.quantize_model(float_model)
+    else:
+        from keras_coherence.quantization import ScaleMonitor, quantize_model
+
+        qmodel = quantize_model(float_model, bits=bits, method=args.method, per_channel=args.per_channel,
+                                calibration_data=x_train[:512])
+        monitor = ScaleMonitor(every_n_steps=args.every_n_steps)
+    qmodel.compile(keras.optimizers.SGD(qat_lr), loss, metrics=["accuracy"])
+    qmodel.fit(x_train, y_train, batch_size=args.batch_size, epochs=args.qat_epochs, shuffle=True,
+               callbacks=[monitor] if monitor else [], verbose=verbose)
+    qat_seconds = time.perf_counter() - t0
+
+    from keras_coherence.quantization.export import run_tflite, to_tflite
+
+    t0 = time.perf_counter()
+    if tfmot8:
+        import warnings
+
+        converter = tf.lite.TFLiteConverter.from_keras_model(qmodel)
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        with warnings.catch_warnings():  # "Statistics for quantized inputs were expected": QAT has them
+            warnings.simplefilter("ignore", UserWarning)
+            tflite_model = converter.convert()
+    else:
+        tflite_model = to_tflite(qmodel)  # freezes the quantizers: Keras inference = the exported model
+    export_seconds = time.perf_counter() - t0
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "model.tflite"), "wb") as f:
+        f.write(tflite_model)
+    keras_pred = qmodel.predict(x_test, batch_size=1024, verbose=0).argmax(1)
+    lite_pred = run_tflite(tflite_model, x_test).argmax(1)
+    accuracy = {"float": float(float_acc), "quantized_keras": float(np.mean(keras_pred == y_test)),
+                "tflite": float(np.mean(lite_pred == y_test)),
+                "keras_tflite_agreement": float(np.mean(keras_pred == lite_pred))}
+    tflite_info = {"bytes": len(tflite_model), **_tflite_scales(tflite_model)}
+
+    files = {"tflite": "model.tflite", "summary": "summary.json"}
+    scales = None
+    if monitor is not None:
+        files["csv"] = os.path.basename(monitor.to_csv(os.path.join(out_dir, "quantize.csv")))
+        files["plot"] = os.path.basename(monitor.plot(
+            os.path.join(out_dir, "quantize.png"),
+            title=f"{bits}-bit {args.method} PO2 scales during QAT: {args.model} on {args.dataset}"))
+        last = monitor.totals[-1]
+        scales = {
+            "records": len(monitor.totals),
+            "flips": int(sum(r["scale_flips"] for r in monitor.totals)),
+            "mean_flip_rate": float(np.mean([r["scale_flip_rate"] for r in monitor.totals])),
+            "final": {k: last[k] for k in ("clip_fraction", "msqe", "wmsqe") if k in last},
+            "layers": {r["layer"]: {k: r[k] for k in ("channels", "exponent_min", "exponent_max", "clip_fraction",
+                                                       "msqe")}
+                       for r in monitor.history if r["step"] == last["step"]},
+        }
+    summary = {
+        "command": "quantize",
+        "config": {k: _jsonable(v) for k, v in sorted(vars(args).items()) if not k.startswith("_")},
+        "data": {"dataset": args.dataset, "num_train": n, "num_test": int(len(x_test)),
+                 "num_classes": num_classes, "input_shape": list(input_shape)},
+        "model": {"name": args.model, "parameters": int(float_model.count_params())},
+        "quantization": {"method": args.method, "bits": bits, "per_channel": bool(args.per_channel),
+                         "activation_bits": 8},
+        "training": {"float_epochs": args.float_epochs, "qat_epochs": args.qat_epochs,
+                     "steps_per_epoch": steps_per_epoch, "qat_steps": steps_per_epoch * args.qat_epochs,
+                     "lr": args.lr, "qat_lr": qat_lr},
+        "accuracy": accuracy,
+        "tflite": tflite_info,
+        "scales": scales,
+        "wall_seconds": {"total": time.perf_counter() - start, "float_training": float_seconds,
+                         "qat": qat_seconds, "export": export_seconds},
+        "files": files,
+        "versions": {"keras_coherence": __version__, "tensorflow": tf.__version__,
+                     "python": platform.python_version()},
+    }
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+        f.write("\n")
+
+    log(f"  test accuracy ({len(x_test)} examples): float {accuracy['float']:.3f}, quantized (Keras) "
+        f"{accuracy['quantized_keras']:.3f}, TFLite {accuracy['tflite']:.3f} "
+        f"(Keras/TFLite top-1 agreement {accuracy['keras_tflite_agreement']:.3f})")
+    yes = lambda v: "yes" if v else "no"  # noqa: E731
+    log(f"  TFLite ({tflite_info['bytes'] / 1024:.0f} kB): {tflite_info['po2_tensors']} of "
+        f"{tflite_info['weight_tensors']} weight tensors have exact power-of-two scales (all: "
+        f"{yes(tflite_info['all_scales_po2'])}); zero points all 0: {yes(tflite_info['zero_points_zero'])}; "
+        f"largest |weight code| {tflite_info['max_abs_weight_code']}")
+    if scales is not None:
+        final = scales["final"]
+        log(f"  PO2 scales: {scales['flips']} exponent flips in {scales['records']} records (mean flip rate "
+            f"{scales['mean_flip_rate']:.3g}); final clip fraction {final['clip_fraction']:.3g}, "
+            f"MSQE {final['msqe']:.3g}")
+    log(f"  {summary['wall_seconds']['total']:.1f} s; wrote {os.path.join(out_dir, '')}"
+        f"{{{', '.join(sorted(files.values()))}}}")
+    return summary
+
+
+@subcommand(
+    "quantize",
+    help="train in float, then quantization-aware with power-of-two weight scales; export integer TFLite",
+    arguments=QUANTIZE_ARGS,
+)
+def quantize_command(args):
+    """Train a model in float, then quantization-aware (tfmot QAT, batch norm folded)
+    with power-of-two (PO2) weight quantizers while ScaleMonitor records every
+    layer's exponents, exponent flips, clip fraction and MSQE; export an integer
+    TFLite model and report the float, quantized (Keras) and TFLite test accuracy and
+    whether every exported weight scale is an exact power of two. Writes
+    quantize.csv, quantize.png, model.tflite and summary.json to --out."""
+    run_quantize(args, args.out)
+    return 0
+
+
+# --------------------------------------------------------------------------------------
 # The demo: short sections, one per job
 # --------------------------------------------------------------------------------------
 
@@ -671,6 +911,28 @@ def _demo_aggregation(out_dir, demo_args):
         chance=0.1, title=f"{cfg['label_noise']:.0%} label noise, {cfg['max_train']} embedded MNIST "
                           f"images, MLP {'-'.join(map(str, (784, *cfg['hidden'], 10)))}, SGD lr 0.1, batch 100")
     return "; ".join(lines)
+
+
+#: The quantization demo's configuration (tests shrink it).
+_DEMO_QUANTIZATION = {"model": "mlp", "hidden": (64,), "max_train": 2000, "float_epochs": 3, "qat_epochs": 1,
+                      "bits": 4, "method": "msqe", "batch_size": 50}
+
+
+@demo_section("quantization", "4-bit power-of-two weights: float -> QAT -> integer TFLite")
+def _demo_quantization(out_dir, demo_args):
+    # A 784-64-10 MLP on 2,000 embedded training images: 3 float epochs, 1 QAT epoch with
+    # 4-bit MSQE PO2 weights (ScaleMonitor on every step), integer TFLite export. About
+    # 15-20 s on 2 CPU cores, a third of it the TFLite conversion.
+    cfg = dict(_DEMO_QUANTIZATION)
+    args = _defaults(QUANTIZE_ARGS, model=cfg["model"], hidden=tuple(cfg["hidden"]), max_train=cfg["max_train"],
+                     float_epochs=cfg["float_epochs"], qat_epochs=cfg["qat_epochs"], bits=cfg["bits"],
+                     method=cfg["method"], batch_size=cfg["batch_size"], seed=demo_args.seed, quiet=True)
+    s = run_quantize(args, out_dir, log=lambda line: None if demo_args.quiet else print(line, flush=True))
+    acc, lite = s["accuracy"], s["tflite"]
+    return (f"test accuracy float {acc['float']:.3f}, {s['quantization']['bits']}-bit Keras "
+            f"{acc['quantized_keras']:.3f}, TFLite {acc['tflite']:.3f}; PO2 scales "
+            f"{'all exact' if lite['all_scales_po2'] else 'NOT all exact'}; "
+            f"{s['scales']['flips']} exponent flips")
 
 
 @subcommand(

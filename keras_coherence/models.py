@@ -8,6 +8,9 @@ wrapped by :func:`keras_coherence.coherence.with_coherence`.
 
 * :func:`mlp` -- Flatten, ReLU Dense layers, Dense logits.
 * :func:`small_cnn` -- Conv(32)-Pool-Conv(64)-Pool-Dense(128)-Dense(logits).
+* :func:`mobilenet_v1`, :func:`mobilenet_v2` -- untrained ``keras.applications``
+  MobileNets (width ``alpha``) with logits, for inputs of at least 32x32;
+  :func:`pad_images` brings MNIST-sized images (28x28x1) to 32x32x3.
 * :func:`build_model` -- one of the above by name (``MODEL_NAMES``).
 
 >>> model = mlp(hidden=(32,))
@@ -24,7 +27,7 @@ from typing import Callable, Dict, Sequence, Tuple
 
 from keras_coherence._keras import keras
 
-__all__ = ["MODEL_NAMES", "build_model", "mlp", "small_cnn"]
+__all__ = ["MODEL_NAMES", "build_model", "mlp", "mobilenet_v1", "mobilenet_v2", "pad_images", "small_cnn"]
 
 
 def _check_common(input_shape, num_classes):
@@ -100,9 +103,76 @@ def small_cnn(input_shape: Sequence[int] = (28, 28, 1), num_classes: int = 10,
     return keras.Model(inputs, outputs, name=name)
 
 
+def _check_mobilenet(shape, alpha, name):
+    if len(shape) != 3 or min(shape[0], shape[1]) < 32:
+        raise ValueError(
+            f"{name} needs images of at least 32x32 pixels, shape (height, width, channels), got "
+            f"input_shape={shape!r}; pad_images() brings 28x28x1 MNIST images to 32x32x3."
+        )
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not alpha > 0:
+        raise ValueError(f"alpha={alpha!r} must be a positive number (the width multiplier).")
+    return float(alpha)
+
+
+def mobilenet_v1(input_shape: Sequence[int] = (32, 32, 3), num_classes: int = 10, alpha: float = 0.25,
+                 name: str = "mobilenet_v1") -> keras.Model:
+    """MobileNet (v1) of ``keras.applications`` with width multiplier ``alpha``,
+    untrained (``weights=None``), ending in logits (``classifier_activation=None``).
+
+    Every convolution is followed by batch normalization (foldable for quantization);
+    at 32x32 the last feature map is 1x1. ``alpha=0.25``: 221,114 parameters with
+    10 classes.
+    """
+    shape, num_classes = _check_common(input_shape, num_classes)
+    alpha = _check_mobilenet(shape, alpha, "mobilenet_v1")
+    base = keras.applications.MobileNet(input_shape=shape, alpha=alpha, weights=None, classes=num_classes,
+                                        classifier_activation=None)
+    return keras.Model(base.inputs, base.outputs, name=name)
+
+
+def mobilenet_v2(input_shape: Sequence[int] = (32, 32, 3), num_classes: int = 10, alpha: float = 0.35,
+                 name: str = "mobilenet_v2") -> keras.Model:
+    """MobileNetV2 of ``keras.applications`` with width multiplier ``alpha``, untrained
+    (``weights=None``), ending in logits. ``alpha=0.35``: 423,018 parameters with 10
+    classes."""
+    shape, num_classes = _check_common(input_shape, num_classes)
+    alpha = _check_mobilenet(shape, alpha, "mobilenet_v2")
+    base = keras.applications.MobileNetV2(input_shape=shape, alpha=alpha, weights=None, classes=num_classes,
+                                          classifier_activation=None)
+    return keras.Model(base.inputs, base.outputs, name=name)
+
+
+def pad_images(x, size: int = 32, channels: int = 3):
+    """Images ``[N, H, W, C]`` zero-padded (centred) to ``size x size`` and, when
+    ``C == 1``, repeated to ``channels`` channels: 28x28x1 MNIST -> 32x32x3 for the
+    MobileNets. Returns a float32 array; images larger than ``size`` raise ``ValueError``.
+
+    >>> import numpy as np
+    >>> y = pad_images(np.ones((2, 28, 28, 1)))
+    >>> y.shape, float(y[0, 2, 2, 0]), float(y[0, 1, 2, 0]), float(y[:, 2:30, 2:30].min())
+    ((2, 32, 32, 3), 1.0, 0.0, 1.0)
+    """
+    import numpy as np
+
+    x = np.asarray(x, np.float32)
+    if x.ndim != 4:
+        raise ValueError(f"pad_images needs a batch of images [N, H, W, C], got shape {x.shape}.")
+    n, h, w, c = x.shape
+    if h > size or w > size:
+        raise ValueError(f"pad_images: images of {h}x{w} do not fit in {size}x{size}.")
+    if c not in (1, channels):
+        raise ValueError(f"pad_images: images with {c} channels cannot become {channels} channels.")
+    top, left = (size - h) // 2, (size - w) // 2
+    out = np.zeros((n, size, size, channels), np.float32)
+    out[:, top:top + h, left:left + w, :] = x
+    return out
+
+
 _BUILDERS: Dict[str, Callable[..., keras.Model]] = {
     "mlp": mlp,
     "cnn": small_cnn,
+    "mobilenet_v1": mobilenet_v1,
+    "mobilenet_v2": mobilenet_v2,
 }
 _ALIASES = {"small_cnn": "cnn"}
 
@@ -112,9 +182,10 @@ MODEL_NAMES: Tuple[str, ...] = tuple(_BUILDERS)
 
 def build_model(name: str, input_shape: Sequence[int] = (28, 28, 1),
                 num_classes: int = 10, **kwargs) -> keras.Model:
-    """Build a model by name: ``"mlp"`` (:func:`mlp`) or ``"cnn"`` (:func:`small_cnn`,
-    alias ``"small_cnn"``). Extra keyword arguments go to the builder (e.g.
-    ``hidden=(256, 256)`` for ``"mlp"``).
+    """Build a model by name: ``"mlp"`` (:func:`mlp`), ``"cnn"`` (:func:`small_cnn`,
+    alias ``"small_cnn"``), ``"mobilenet_v1"`` or ``"mobilenet_v2"``. Extra keyword
+    arguments go to the builder (e.g. ``hidden=(256, 256)`` for ``"mlp"``,
+    ``alpha=0.5`` for the MobileNets).
 
     Raises:
         ValueError: an unknown name (the message lists the known ones).
@@ -124,7 +195,7 @@ def build_model(name: str, input_shape: Sequence[int] = (28, 28, 1),
     >>> build_model("resnet")
     Traceback (most recent call last):
     ...
-    ValueError: Unknown model 'resnet'. Known models: mlp, cnn.
+    ValueError: Unknown model 'resnet'. Known models: mlp, cnn, mobilenet_v1, mobilenet_v2.
     """
     key = name.strip().lower() if isinstance(name, str) else name
     key = _ALIASES.get(key, key)

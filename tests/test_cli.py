@@ -1,5 +1,4 @@
 """Tests for the command line (keras_coherence.cli), the model builders and the plots."""
-import csv
 import doctest
 import json
 import math
@@ -9,33 +8,13 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import assert_png as _assert_png
+from conftest import read_csv as _read_csv
 
 from keras_coherence import cli, models, plots
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(autouse=True)
-def _cache_in_tmp(tmp_path, monkeypatch):
-    """Never touch the user's real cache directory."""
-    monkeypatch.setenv("KERAS_COHERENCE_CACHE", str(tmp_path / "cache"))
-
-
-def _read_csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def _assert_png(path):
-    assert os.path.getsize(path) > 1000
-    with open(path, "rb") as f:
-        assert f.read(8) == PNG_MAGIC
-    from matplotlib.image import imread
-
-    image = imread(path)
-    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
-    assert float(image.std()) > 0  # not a blank canvas
+pytestmark = pytest.mark.usefixtures("cache_in_tmp")
 
 
 TINY = ["--max-train", "256", "--epochs", "1", "--batch-size", "32", "--probe-size", "64",

@@ -1,36 +1,15 @@
 """The ``aggregate`` command, the aggregation demo section and keras_coherence.experiments."""
-import csv
 import json
 import math
 
 import numpy as np
 import pytest
+from conftest import assert_png as _assert_png
+from conftest import read_csv as _read_csv
 
 from keras_coherence import cli, experiments
 
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(autouse=True)
-def _cache_in_tmp(tmp_path, monkeypatch):
-    """Never touch the user's real cache directory."""
-    monkeypatch.setenv("KERAS_COHERENCE_CACHE", str(tmp_path / "cache"))
-
-
-def _read_csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def _assert_png(path):
-    assert path.stat().st_size > 1000
-    with open(path, "rb") as f:
-        assert f.read(8) == PNG_MAGIC
-    from matplotlib.image import imread
-
-    image = imread(str(path))
-    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
-    assert float(image.std()) > 0
+pytestmark = pytest.mark.usefixtures("cache_in_tmp")
 
 
 TINY = ["--max-train", "200", "--epochs", "2", "--batch-size", "50", "--hidden", "16",

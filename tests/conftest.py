@@ -1,0 +1,32 @@
+"""Fixtures and helpers shared by the command-line tests (test_cli*.py)."""
+import csv
+import os
+
+import pytest
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def cache_in_tmp(tmp_path, monkeypatch):
+    """Never touch the user's real cache directory."""
+    monkeypatch.setenv("KERAS_COHERENCE_CACHE", str(tmp_path / "cache"))
+
+
+def read_csv(path):
+    """The rows of a CSV file as dicts of strings."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def assert_png(path):
+    """``path`` (str or Path) is a PNG image of more than 100x100 pixels that is not blank."""
+    path = os.fspath(path)
+    assert os.path.getsize(path) > 1000
+    with open(path, "rb") as f:
+        assert f.read(8) == PNG_MAGIC
+    from matplotlib.image import imread
+
+    image = imread(path)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    assert float(image.std()) > 0  # not a blank canvas
