@@ -237,6 +237,21 @@ def test_activation_quantizer_layer_has_exponents_only():
     assert math.isnan(totals["msqe"]) and "wmsqe" not in totals
 
 
+def test_nested_models_and_duplicate_names():
+    def inner(name):
+        return keras.Sequential([keras.Input((3,)), QDense(3, kernel_quantizer=MSQEPo2(bits=4), name="a")], name=name)
+
+    model = keras.Sequential([keras.Input((3,)), inner("m1"), inner("m2")])
+    model(np.ones((2, 3), np.float32), training=True)
+    monitor = ScaleMonitor()
+    monitor.set_model(model)
+    assert [t.name for t in monitor.quantizers()] == ["a#0", "a#1"]
+    monitor.record()
+    model.layers[0].get_layer("a").kernel_quantizer.state["exponent"].assign([[5.0]])
+    monitor.record()
+    assert [(r["layer"], r["flips"]) for r in monitor.history] == [("a#0", 0), ("a#1", 0), ("a#0", 1), ("a#1", 0)]
+
+
 def test_errors():
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     model.compile("sgd", "mse")

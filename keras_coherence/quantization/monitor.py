@@ -153,6 +153,10 @@ def po2_quantizers(model) -> List[TrackedQuantizer]:
         if isinstance(layer, PO2Quantizer) and layer.state and id(layer) not in seen:
             found.append(TrackedQuantizer(layer.name, layer, layer.state, None))
             seen.add(id(layer))
+    names = [t.name for t in found]
+    for i, t in enumerate(found):  # names key the flip counts: keep them unique
+        if names.count(t.name) > 1:
+            t.name = f"{t.name}#{names[:i].count(t.name)}"
     return found
 
 
@@ -346,7 +350,8 @@ def plot_scales(rows, path: str, totals=None, title: Optional[str] = None, dpi: 
     ax_e.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax_f.set_ylabel("flip rate")
     ax_f.set_xlabel("training step")
-    ax_f.set_ylim(-0.02, 1.02)
+    rates = [float(r["flip_rate"]) for r in rows if math.isfinite(float(r["flip_rate"]))]
+    ax_f.set_ylim(-0.002, max(0.05, 1.1 * max(rates, default=0.0)))
     ax_f.grid(True, alpha=0.3)
     ax_e.set_title(title if title is not None else "PO2 weight scales during training")
     fig.tight_layout()
