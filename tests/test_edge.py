@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 import keras_coherence  # noqa: F401  (Keras 2 policy first)
-from keras_coherence.binary import export_training
+from keras_coherence._keras import keras
+from keras_coherence.binary import export_training, models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH = 16
@@ -30,9 +31,10 @@ def _task(n, seed=0, dim=12, classes=3):
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("edge")
-    spec = export_training.BinaryMLP(12, hidden=(16,), num_classes=3, learning_rate=1e-2)
+    keras.utils.set_random_seed(1)
+    bnn = models.mlp(input_shape=(12,), num_classes=3, hidden=(16,), method="low_memory")
     model = root / "model.tflite"
-    model.write_bytes(export_training.to_tflite(export_training.TrainingModule(spec, seed=1)))
+    model.write_bytes(export_training.to_tflite(export_training.TrainingModule(bnn, learning_rate=1e-2)))
     x, y = _task(146)
     np.savez(root / "train.npz", x=x[:96], y=y[:96])
     np.savez(root / "test.npz", x=x[96:], y=y[96:])

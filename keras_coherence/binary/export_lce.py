@@ -1,11 +1,14 @@
 """Inference export of binary Keras/larq models with Larq Compute Engine (LCE).
 
 LCE has no binary fully-connected kernel: a larq ``QuantDense`` exports as a float
-``FULLY_CONNECTED`` holding ±1.0 floats. ``dense_as_conv1x1`` rewrites every binary
-``QuantDense`` on a rank-2 input as ``Reshape([1, 1, F])`` → 1×1 ``QuantConv2D`` →
-``Reshape([units])`` with the same weights and quantizers, which LCE turns into a
-bit-packed ``LceBconv2d`` (batch norm after it is fused into the bconv's output
-transform).
+``FULLY_CONNECTED`` holding ±1.0 floats. ``larq_inference_model`` rewrites every binary
+dense layer on a rank-2 input (larq ``QuantDense`` or low-memory ``BinaryDense``) as
+``Reshape([1, 1, F])`` → 1×1 ``QuantConv2D`` → ``Reshape([units])`` with the same
+weights, which LCE turns into a bit-packed ``LceBconv2d`` (batch norm after it is
+fused into the bconv's output transform), and the other low-memory layers
+(``BinaryConv2D``, ``L1BatchNormalization``) into their larq / Keras inference
+equivalents, so a model trained with :mod:`keras_coherence.binary.layers` (in Keras
+or on the device) exports too.
 
 * ``to_lce(model)``: the LCE flatbuffer (``bytes``) of the rewritten model.
 * ``to_float_tflite(model)``: the same network as a plain float TFLite file (the
@@ -24,7 +27,7 @@ import numpy as np
 
 from keras_coherence._keras import keras, tf
 
-__all__ = ["dense_as_conv1x1", "to_lce", "to_float_tflite", "lce_predict", "lce_latency",
+__all__ = ["larq_inference_model", "to_lce", "to_float_tflite", "lce_predict", "lce_latency",
            "tflite_ops", "non_builtin_ops", "LceReport", "compare"]
 
 
@@ -34,78 +37,110 @@ def _larq():
     return larq
 
 
-def _is_binary_dense(layer):
+def _binary_quant_dense(layer):
     lq = _larq()
-    if not isinstance(layer, lq.layers.QuantDense):
-        return False
-    precision = getattr(layer.kernel_quantizer, "precision", None)
-    return precision == 1
+    return (isinstance(layer, lq.layers.QuantDense)
+            and getattr(layer.kernel_quantizer, "precision", None) == 1)
 
 
-def _conv1x1_block(layer):
-    """``Reshape`` → 1×1 ``QuantConv2D`` → ``Reshape`` computing what ``layer`` computes."""
-    lq = _larq()
+def _latent(layer, values):
+    """A low-memory layer's weights as its inference pass sees them (float16-rounded
+    when its method keeps float16 latent weights)."""
+    from keras_coherence.binary import ops
+
+    return [ops.round_latent(tf.constant(np.asarray(v, np.float32)), layer.config).numpy() for v in values]
+
+
+def _quant_conv(filters, kernel_size, name, input_quantizer, kernel_quantizer="ste_sign", strides=1,
+                padding="valid", use_bias=False):
+    return _larq().layers.QuantConv2D(
+        filters, kernel_size, strides=strides, padding=padding, use_bias=use_bias,
+        input_quantizer=input_quantizer, kernel_quantizer=kernel_quantizer,
+        kernel_constraint="weight_clip", name=name)
+
+
+def _conv1x1_block(layer, weights, input_quantizer, kernel_quantizer="ste_sign"):
+    """``Reshape`` → 1×1 ``QuantConv2D`` → ``Reshape``: a binary dense layer LCE can bconv.
+    Returns ``(block, assign)``; ``assign()`` sets the weights once the block is built."""
     in_shape = layer.input_shape
     if len(in_shape) != 2:
         raise ValueError(
-            f"dense_as_conv1x1 rewrites binary QuantDense layers on [batch, features] inputs; "
-            f"{layer.name!r} gets {in_shape}. Flatten before it or write it as a 1x1 QuantConv2D yourself."
+            f"binary dense layers are rewritten on [batch, features] inputs; {layer.name!r} gets "
+            f"{in_shape}. Flatten before it or write it as a 1x1 binary convolution."
         )
-    features = int(in_shape[-1])
-    cfg = layer.get_config()
-    conv = lq.layers.QuantConv2D(
-        layer.units, 1,
-        input_quantizer=cfg["input_quantizer"], kernel_quantizer=cfg["kernel_quantizer"],
-        kernel_constraint=cfg["kernel_constraint"], use_bias=layer.use_bias,
-        activation=cfg["activation"], name=layer.name + "_conv1x1",
-    )
+    kernel, *bias = weights
+    features, units = kernel.shape
+    conv = _quant_conv(units, 1, layer.name + "_conv1x1", input_quantizer, kernel_quantizer, use_bias=bool(bias))
+    # left unbuilt: clone_model loops forever on a nested model that already has a node
     block = keras.Sequential([
         keras.layers.Reshape((1, 1, features), name=layer.name + "_to_nhwc"),
         conv,
-        keras.layers.Reshape((layer.units,), name=layer.name + "_to_nc"),
+        keras.layers.Reshape((units,), name=layer.name + "_to_nc"),
     ], name=layer.name)
-    block.build((None, features))
-    weights = layer.get_weights()
-    weights[0] = weights[0].reshape(1, 1, features, layer.units)
-    conv.set_weights(weights)
-    return block
+    return block, lambda: conv.set_weights([np.asarray(kernel).reshape(1, 1, features, units), *bias])
 
 
-def dense_as_conv1x1(model):
-    """A copy of ``model`` with each binary ``QuantDense`` written as a 1×1 ``QuantConv2D``.
+def _inference_layer(layer):
+    """``(new layer, assign)`` replacing ``layer`` (``assign()`` sets its weights after
+    cloning), or None to keep a copy of ``layer``."""
+    from keras_coherence.binary import layers as bl
 
-    Binary means a 1-bit kernel quantizer (``ste_sign``, ``approx_sign``, ...); other
-    layers are cloned with their weights. The copy computes the same outputs.
+    if _binary_quant_dense(layer):
+        cfg = layer.get_config()
+        return _conv1x1_block(layer, layer.get_weights(), cfg["input_quantizer"], cfg["kernel_quantizer"])
+    if isinstance(layer, bl.BinaryDense):
+        return _conv1x1_block(layer, _latent(layer, layer.get_weights()), None if layer.first_layer else "ste_sign")
+    if isinstance(layer, bl.BinaryConv2D):
+        conv = _quant_conv(layer.filters, layer.kernel_size, layer.name,
+                           None if layer.first_layer else "ste_sign", strides=layer.strides,
+                           padding=layer.padding)
+        return conv, lambda: conv.set_weights(_latent(layer, layer.get_weights()))
+    if isinstance(layer, bl.L1BatchNormalization):
+        # (x - mu) / sigma + beta == gamma (x - mu) / sqrt(var + eps) + beta, gamma = 1/sigma, var = 1 - eps
+        beta, mean, sigma = _latent(layer, [layer.beta.numpy(), layer.moving_mean.numpy(),
+                                            layer.moving_sigma.numpy()])
+        bn = keras.layers.BatchNormalization(epsilon=1e-3, name=layer.name)
+        return bn, lambda: bn.set_weights([1.0 / sigma, beta, mean, np.full_like(sigma, 1.0 - bn.epsilon)])
+    return None
+
+
+def larq_inference_model(model):
+    """A copy of ``model`` in the layers LCE converts to bit-packed kernels.
+
+    * binary larq ``QuantDense`` and low-memory ``BinaryDense`` on ``[batch, features]``
+      → ``Reshape([1, 1, F])`` → 1×1 ``QuantConv2D`` → ``Reshape([units])``
+      (LCE has no binary fully-connected kernel);
+    * ``BinaryConv2D`` → ``QuantConv2D`` (``ste_sign`` input unless a first layer);
+    * ``L1BatchNormalization`` → ``BatchNormalization`` with ``γ = 1/σ₁`` (the moving
+      statistics; float16-rounded as the low-memory inference pass rounds them);
+    * every other layer is copied with its weights. The copy computes the same outputs.
 
     Raises:
-        ValueError: a binary ``QuantDense`` whose input is not ``[batch, features]``.
+        ValueError: a binary dense layer whose input is not ``[batch, features]``.
     """
+    assigns = {}
+
     def clone(layer):
-        if _is_binary_dense(layer):
-            return _conv1x1_block(layer)
-        return layer.__class__.from_config(layer.get_config())
+        replacement = _inference_layer(layer)
+        if replacement is None:
+            return layer.__class__.from_config(layer.get_config())
+        new, assigns[layer.name] = replacement
+        return new
 
     copy = keras.models.clone_model(model, clone_function=clone)
     for old, new in zip(model.layers, copy.layers):
-        if not _is_binary_dense(old):
+        if old.name in assigns:
+            assigns[old.name]()
+        else:
             new.set_weights(old.get_weights())
     return copy
 
 
-def to_lce(model, dense_as_conv=True):
-    """LCE flatbuffer (``bytes``, float input and output) of a Keras/larq model.
-
-    Args:
-        model: a Keras 2 model with larq binary layers.
-        dense_as_conv: rewrite binary ``QuantDense`` layers as 1×1 convolutions first
-            (``dense_as_conv1x1``) so they become ``LceBconv2d``; without it they stay
-            float ``FULLY_CONNECTED``.
-    """
+def to_lce(model):
+    """LCE flatbuffer (``bytes``, float input and output) of ``larq_inference_model(model)``."""
     import larq_compute_engine as lce
 
-    if dense_as_conv:
-        model = dense_as_conv1x1(model)
-    return lce.convert_keras_model(model)
+    return lce.convert_keras_model(larq_inference_model(model))
 
 
 def to_float_tflite(model):

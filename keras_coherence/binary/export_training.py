@@ -1,133 +1,89 @@
-"""On-device training export: a binary network's train step as a builtin-only TFLite model.
+"""On-device training export: a binary Keras model's train step as a builtin-only TFLite model.
 
 Flex (select TF) ops do not run in the Python LiteRT interpreter, and autodiff's
-backward ops (``ReluGrad``, ``Conv2DBackpropFilter``, ...) are Flex ops. So every
-backward pass here is written by hand with ``tf.custom_gradient`` from ops that lower
-to TFLite builtins (matmul, sign/select, reductions), and so is the Adam update.
+backward ops for convolutions and fused batch norm (``Conv2DBackpropFilter``,
+``FusedBatchNormGradV3``, ...) are Flex ops. The low-memory layers of
+:mod:`keras_coherence.binary.layers` have hand-written backward passes
+(:mod:`keras_coherence.binary.ops`) built from ops that lower to TFLite builtins, so
+the *same Keras model* that ``fit`` trains also traces into a device training graph;
+the loss (:func:`softmax_cross_entropy`) and the Adam update are written here with
+builtin-lowering ops too.
 
-``TrainingModule(spec)`` is a ``tf.Module`` whose ``tf.Variable``s hold the whole
-training state (latent float weights, batch-norm β and moving statistics, Adam
-moments and step) with four signatures:
+``TrainingModule(model)`` is a ``tf.Module`` holding the model's variables plus the
+Adam state, with four signatures:
 
 * ``train(x, y) -> {"loss"}``: one step on a batch (float ``x``, int32 labels ``y``);
-* ``infer(x) -> {"logits"}``: inference with the moving statistics;
-* ``get_weights() -> {name: tensor}``: the whole state (``state_names`` order);
+  the loss is the batch's before the update (as ``train_on_batch`` reports it);
+* ``infer(x) -> {"logits"}``: ``model(x, training=False)``;
+* ``get_weights() -> {name: tensor}``: the whole state (``state_names``);
 * ``set_weights(**{name: tensor}) -> {"step"}``: writes it back.
 
-``to_tflite(module)`` saves it as a SavedModel with those signatures and converts
-it with ``TFLITE_BUILTINS`` only and resource variables enabled; a non-builtin op
-raises ``ValueError`` naming it. The device side (``edge/``) runs the file with
-``ai_edge_litert`` alone.
+State names are the Keras variable names with ``/`` and ``:`` replaced
+(``fc_1/kernel:0`` → ``fc_1_kernel``), Adam's moments ``adam_m_<name>`` /
+``adam_v_<name>`` and ``adam_step``. ``set_keras_weights(model, state)`` writes a
+(device) state into any model of the same topology, and
+:func:`keras_coherence.binary.export_lce.to_lce` turns that model into an LCE
+inference file.
 
-Model: the paper's binary MLP (Wang et al. 2021, §5.5): binary dense layers (sign
-weights with latent float weights, STE clipped at 1; sign activations with STE,
-the first layer's input kept real) each followed by an l1 batch norm (mean absolute
-deviation, trainable β, no γ), the last one's output being the logits; softmax
-cross-entropy; Adam with latent weights clipped to [-1, 1]. Only sign(x) and the
-1-byte STE mask of each binary input are kept for the backward pass.
-
-``to_keras(spec)`` builds the larq inference model computing what ``infer``
-computes (binary ``QuantDense`` + ``BatchNormalization``), ``keras_weights`` maps a
-``get_weights`` state onto it, and ``keras_coherence.binary.export_lce.to_lce``
-turns it into an LCE model.
+``to_tflite(module)`` saves the module as a SavedModel with those signatures and
+converts it with ``TFLITE_BUILTINS`` only and resource variables enabled; when the
+converter or the result needs a non-builtin op, ``ValueError`` names it.
 """
-import dataclasses
 import os
+import re
 import tempfile
 
 import numpy as np
 
-from keras_coherence._keras import keras, tf
+from keras_coherence._keras import tf
 from keras_coherence.binary.export_lce import non_builtin_ops
 
-__all__ = ["BinaryMLP", "TrainingModule", "to_tflite", "to_keras", "keras_weights",
-           "binary_dense", "l1_batch_norm", "softmax_cross_entropy"]
+__all__ = ["TrainingModule", "to_tflite", "state_name", "keras_state", "set_keras_weights",
+           "softmax_cross_entropy"]
+
+SIGNATURES = ("train", "infer", "get_weights", "set_weights")
 
 
-@dataclasses.dataclass(frozen=True)
-class BinaryMLP:
-    """A binary MLP: ``input_dim`` → ``hidden`` → ``num_classes`` (every layer binary dense + l1 BN).
+def state_name(variable_name):
+    """A signature-safe name for a Keras variable name (``fc_1/kernel:0`` → ``fc_1_kernel``)."""
+    return re.sub(r"[^0-9A-Za-z_]", "_", re.sub(r":\d+$", "", variable_name))
 
-    ``learning_rate`` and the Adam constants are those of the hand-written update;
-    ``momentum`` is the batch-norm moving-statistics momentum; ``epsilon`` is added
-    to the l1 scale (mean absolute deviation) so a constant channel cannot divide by 0.
+
+def keras_state(model):
+    """``{state name: variable}`` of a Keras model (all its variables, trainable or not)."""
+    out = {}
+    for var in model.variables:
+        name = state_name(var.name)
+        if name in out:
+            raise ValueError(f"two variables of {model.name!r} map to the state name {name!r}; "
+                             "give the layers unique names")
+        out[name] = var
+    return out
+
+
+def set_keras_weights(model, state):
+    """Writes the model entries of a state (``{name: array}``, e.g. a device checkpoint or
+    ``get_weights`` output) into a Keras model of the same topology; optimizer entries
+    are ignored.
+
+    Raises:
+        ValueError: a model variable has no entry, or its shape differs.
     """
-
-    input_dim: int
-    hidden: tuple = (256, 256, 256, 256)
-    num_classes: int = 10
-    learning_rate: float = 1e-3
-    beta_1: float = 0.9
-    beta_2: float = 0.999
-    adam_epsilon: float = 1e-7
-    momentum: float = 0.9
-    epsilon: float = 1e-5
-
-    @property
-    def layer_dims(self):
-        dims = (self.input_dim,) + tuple(self.hidden) + (self.num_classes,)
-        return list(zip(dims[:-1], dims[1:]))
-
-
-# ------------------------------------------------------------ ops with hand-written backward passes
-def _sign(x):
-    """sign with sign(0) = +1 (larq's and LCE's convention)."""
-    return tf.where(x >= 0, tf.ones_like(x), -tf.ones_like(x))
-
-
-def binary_dense(x, kernel, binary_input=True):
-    """``sign(x) @ sign(kernel)`` (``x`` itself when ``binary_input`` is False).
-
-    Backward: ``dx = dz @ sign(kernel)ᵀ`` masked by ``|x| ≤ 1`` (STE), ``dkernel =
-    sign(x)ᵀ @ dz`` masked by ``|kernel| ≤ 1``. Kept for it: ``sign(x)`` and a boolean mask.
-    """
-    @tf.custom_gradient
-    def op(x, kernel):
-        xb = _sign(x) if binary_input else x
-        mask = tf.abs(x) <= 1.0 if binary_input else None
-        wb = _sign(kernel)
-        z = tf.matmul(xb, wb)
-
-        def grad(dz):
-            dx = tf.matmul(dz, wb, transpose_b=True)
-            if binary_input:
-                dx = tf.where(mask, dx, tf.zeros_like(dx))
-            dw = tf.matmul(xb, dz, transpose_a=True)
-            dw = tf.where(tf.abs(kernel) <= 1.0, dw, tf.zeros_like(dw))
-            return dx, dw
-
-        return z, grad
-
-    return op(x, kernel)
-
-
-def l1_batch_norm(z, beta, epsilon):
-    """Training-mode l1 batch norm over axis 0: ``(z - μ) / σ₁ + β`` with ``σ₁ = mean|z - μ| + ε``.
-
-    Returns ``(y, μ, σ₁)``. Backward (Wang et al.): with ``d̂ = dy / σ₁``,
-    ``dz = d̂ - mean(d̂) - sign(ẑ) · mean(d̂ · sign(ẑ)) · mean|ẑ|``, ``dβ = Σ dy``;
-    only ``sign(ẑ)`` and per-channel scalars are kept.
-    """
-    @tf.custom_gradient
-    def op(z, beta):
-        mu = tf.reduce_mean(z, axis=0)
-        sigma = tf.reduce_mean(tf.abs(z - mu), axis=0) + epsilon
-        zhat = (z - mu) / sigma
-        zsign = _sign(zhat)
-        zscale = tf.reduce_mean(tf.abs(zhat), axis=0)
-
-        def grad(dy, dmu, dsigma):
-            d = dy / sigma
-            dz = d - tf.reduce_mean(d, axis=0) - zsign * tf.reduce_mean(d * zsign, axis=0) * zscale
-            return dz, tf.reduce_sum(dy, axis=0)
-
-        return (zhat + beta, mu, sigma), grad
-
-    return op(z, beta)
+    variables = keras_state(model)
+    missing = sorted(set(variables) - set(state))
+    if missing:
+        raise ValueError(f"the state has no values for {missing}")
+    for name, var in variables.items():
+        value = np.asarray(state[name], np.float32)
+        if value.shape != tuple(var.shape):
+            raise ValueError(f"{name}: state shape {value.shape} != model shape {tuple(var.shape)}")
+        var.assign(value)
+    return model
 
 
 def softmax_cross_entropy(logits, labels):
-    """Mean softmax cross-entropy of int ``labels``; backward ``(softmax - onehot) / batch``."""
+    """Mean softmax cross-entropy of int ``labels``; backward ``(softmax - onehot) / batch``
+    (autodiff of ``SparseSoftmaxCrossEntropyWithLogits`` is not a TFLite builtin)."""
     @tf.custom_gradient
     def op(logits):
         onehot = tf.one_hot(labels, tf.shape(logits)[-1], dtype=logits.dtype)
@@ -143,36 +99,44 @@ def softmax_cross_entropy(logits, labels):
     return op(logits)
 
 
-# ------------------------------------------------------------ the training module
 class TrainingModule(tf.Module):
-    """The training state and signatures of ``spec`` (see the module docstring).
+    """The training state and signatures of a Keras model (see the module docstring).
+
+    The update is Keras's Adam (``m ← β₁m + (1-β₁)g``, ``v ← β₂v + (1-β₂)g²``,
+    ``w ← w - lr·sqrt(1-β₂ᵗ)/(1-β₁ᵗ)·m/(sqrt(v)+ε)``), as ``keras.optimizers.Adam``
+    and :func:`keras_coherence.binary.training.make_optimizer` ``"adam"`` do.
 
     Args:
-        spec: a ``BinaryMLP``.
-        seed: initialization seed (latent weights ``N(0, 1/fan_in)`` clipped to [-1, 1]).
+        model: a single-input Keras model producing logits, whose backward passes lower
+            to builtins (the low-memory layers; ``to_tflite`` reports what does not).
+        learning_rate, beta_1, beta_2, epsilon: Adam's.
+        clip_binary_kernels: clip kernels marked ``precision == 1`` to [-1, 1] after
+            each update (larq's ``weight_clip``); off by default, as in ``train_bnn``.
         batch_size: fixed batch size of ``train``/``infer``, or None for any.
     """
 
-    def __init__(self, spec, seed=0, batch_size=None):
+    def __init__(self, model, learning_rate=1e-3, beta_1=0.9, beta_2=0.999, epsilon=1e-7,
+                 clip_binary_kernels=False, batch_size=None):
         super().__init__(name="binary_training")
-        self.spec = spec
-        rng = np.random.default_rng(seed)
-        state = {}
-        for i, (fan_in, units) in enumerate(spec.layer_dims):
-            kernel = np.clip(rng.normal(0.0, 1.0 / np.sqrt(fan_in), (fan_in, units)), -1, 1)
-            state[f"l{i}_kernel"] = kernel
-            state[f"l{i}_beta"] = np.zeros(units)
-            state[f"l{i}_mean"] = np.zeros(units)
-            state[f"l{i}_scale"] = np.ones(units)
-        self.trainable_names = [n for n in state if n.endswith(("_kernel", "_beta"))]
+        if len(model.inputs) != 1:
+            raise ValueError(f"TrainingModule needs a single-input model; {model.name!r} has {len(model.inputs)}")
+        self._model = model  # not tracked: the SavedModel holds the variables only
+        self._hyper = (float(learning_rate), float(beta_1), float(beta_2), float(epsilon))
+        self._clip = bool(clip_binary_kernels)
+        variables = keras_state(model)
+        trainable = {id(v) for v in model.trainable_variables}
+        self.trainable_names = [n for n, v in variables.items() if id(v) in trainable]
+        slots = {}
         for name in self.trainable_names:
-            state[f"adam_m_{name}"] = np.zeros_like(state[name])
-            state[f"adam_v_{name}"] = np.zeros_like(state[name])
-        state["adam_step"] = np.zeros(())
-        self.state_names = list(state)
-        self.state = {n: tf.Variable(np.asarray(v, np.float32), name=n) for n, v in state.items()}
+            var = variables[name]
+            slots[f"adam_m_{name}"] = tf.Variable(tf.zeros(var.shape), name=f"adam_m_{name}")
+            slots[f"adam_v_{name}"] = tf.Variable(tf.zeros(var.shape), name=f"adam_v_{name}")
+        slots["adam_step"] = tf.Variable(0.0, name="adam_step")
+        self.state = {**variables, **slots}
+        self.state_names = list(self.state)
+        self.tracked_variables = list(self.state.values())
 
-        x_spec = tf.TensorSpec([batch_size, spec.input_dim], tf.float32, name="x")
+        x_spec = tf.TensorSpec([batch_size] + model.inputs[0].shape.as_list()[1:], tf.float32, name="x")
         y_spec = tf.TensorSpec([batch_size], tf.int32, name="y")
         self.train = tf.function(self._train, input_signature=[x_spec, y_spec])
         self.infer = tf.function(self._infer, input_signature=[x_spec])
@@ -180,42 +144,32 @@ class TrainingModule(tf.Module):
         set_specs = [tf.TensorSpec(self.state[n].shape, tf.float32, name=n) for n in self.state_names]
         self.set_weights = tf.function(self._set_weights, input_signature=set_specs)
 
-    # forward ----------------------------------------------------------
-    def logits(self, x, training):
-        """Logits of ``x``; in training mode also the batch statistics ``[(μ, σ₁), ...]``."""
-        s, h, stats = self.state, x, []
-        for i in range(len(self.spec.layer_dims)):
-            z = binary_dense(h, s[f"l{i}_kernel"], binary_input=i > 0)
-            if training:
-                h, mu, sigma = l1_batch_norm(z, s[f"l{i}_beta"], self.spec.epsilon)
-                stats.append((mu, sigma))
-            else:
-                h = (z - s[f"l{i}_mean"]) / s[f"l{i}_scale"] + s[f"l{i}_beta"]
-        return h, stats
+    @property
+    def model(self):
+        return self._model
 
     def _train(self, x, y):
-        spec, s = self.spec, self.state
+        lr, beta_1, beta_2, epsilon = self._hyper
+        s = self.state
         params = [s[n] for n in self.trainable_names]
         with tf.GradientTape() as tape:
-            logits, stats = self.logits(x, training=True)
-            loss = softmax_cross_entropy(logits, y)
+            loss = softmax_cross_entropy(self._model(x, training=True), y)
         grads = tape.gradient(loss, params)
-        for i, (mu, sigma) in enumerate(stats):
-            for name, value in ((f"l{i}_mean", mu), (f"l{i}_scale", sigma)):
-                s[name].assign(spec.momentum * s[name] + (1.0 - spec.momentum) * value)
         step = s["adam_step"].assign_add(1.0)
-        lr = spec.learning_rate * tf.sqrt(1.0 - tf.pow(spec.beta_2, step)) / (1.0 - tf.pow(spec.beta_1, step))
+        alpha = lr * tf.sqrt(1.0 - tf.pow(beta_2, step)) / (1.0 - tf.pow(beta_1, step))
         for name, var, g in zip(self.trainable_names, params, grads):
-            m = s[f"adam_m_{name}"].assign(spec.beta_1 * s[f"adam_m_{name}"] + (1.0 - spec.beta_1) * g)
-            v = s[f"adam_v_{name}"].assign(spec.beta_2 * s[f"adam_v_{name}"] + (1.0 - spec.beta_2) * g * g)
-            new = var - lr * m / (tf.sqrt(v) + spec.adam_epsilon)
-            if name.endswith("_kernel"):
+            if g is None:
+                raise ValueError(f"{name} gets no gradient from the loss")
+            m = s[f"adam_m_{name}"].assign_add((g - s[f"adam_m_{name}"]) * (1.0 - beta_1))
+            v = s[f"adam_v_{name}"].assign_add((tf.square(g) - s[f"adam_v_{name}"]) * (1.0 - beta_2))
+            new = var - m * alpha / (tf.sqrt(v) + epsilon)
+            if self._clip and getattr(var, "precision", None) == 1:
                 new = tf.clip_by_value(new, -1.0, 1.0)
             var.assign(new)
         return {"loss": loss}
 
     def _infer(self, x):
-        return {"logits": self.logits(x, training=False)[0]}
+        return {"logits": self._model(x, training=False)}
 
     def _get_weights(self):
         return {n: tf.identity(self.state[n]) for n in self.state_names}
@@ -226,8 +180,7 @@ class TrainingModule(tf.Module):
         return {"step": tf.identity(self.state["adam_step"])}
 
     def signatures(self):
-        return {"train": self.train, "infer": self.infer,
-                "get_weights": self.get_weights, "set_weights": self.set_weights}
+        return {name: getattr(self, name) for name in SIGNATURES}
 
     # numpy helpers ----------------------------------------------------
     def weights(self):
@@ -235,10 +188,10 @@ class TrainingModule(tf.Module):
         return {n: v.numpy() for n, v in self.state.items()}
 
     def assign(self, weights):
-        """Sets the state from ``{name: array}`` (e.g. a device checkpoint); every name is required."""
-        missing = set(self.state_names) - set(weights)
+        """Sets the whole state (model and Adam) from ``{name: array}``; every name is required."""
+        missing = sorted(set(self.state_names) - set(weights))
         if missing:
-            raise ValueError(f"weights lack {sorted(missing)}")
+            raise ValueError(f"the weights lack {missing}")
         for n in self.state_names:
             self.state[n].assign(np.asarray(weights[n], np.float32).reshape(self.state[n].shape))
 
@@ -247,7 +200,8 @@ def to_tflite(module):
     """Builtin-only TFLite flatbuffer (``bytes``) with the module's four signatures.
 
     Raises:
-        ValueError: the converted file uses a non-builtin op (named in the message).
+        ValueError: the conversion needs a non-builtin op (the converter's message,
+            which names the TF ops, is included), or the file uses one.
     """
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "saved_model")
@@ -256,44 +210,11 @@ def to_tflite(module):
         converter = tf.lite.TFLiteConverter.from_saved_model(path, signature_keys=list(signatures))
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
         converter.experimental_enable_resource_variables = True
-        flatbuffer = converter.convert()
+        try:
+            flatbuffer = converter.convert()
+        except Exception as err:  # the converter raises ConverterError with the op list
+            raise ValueError(f"the training graph does not lower to TFLite builtins: {err}") from err
     extra = non_builtin_ops(flatbuffer)
     if extra:
         raise ValueError(f"the training model needs non-builtin ops {extra}; LiteRT cannot run them")
     return flatbuffer
-
-
-# ------------------------------------------------------------ Keras / LCE side
-def to_keras(spec):
-    """The larq inference model computing what ``TrainingModule.infer`` computes.
-
-    Layer ``l{i}`` is a binary ``QuantDense`` (``ste_sign`` kernel; ``ste_sign`` input
-    except for the first layer) followed by ``BatchNormalization`` ``bn{i}`` whose
-    γ / moving variance express the l1 scale (``keras_weights``).
-    """
-    import larq as lq
-
-    layers = [keras.Input((spec.input_dim,))]
-    for i, (_, units) in enumerate(spec.layer_dims):
-        layers.append(lq.layers.QuantDense(
-            units, use_bias=False, input_quantizer="ste_sign" if i > 0 else None,
-            kernel_quantizer="ste_sign", kernel_constraint="weight_clip", name=f"l{i}"))
-        layers.append(keras.layers.BatchNormalization(epsilon=spec.epsilon, name=f"bn{i}"))
-    return keras.Sequential(layers, name="binary_mlp")
-
-
-def keras_weights(model, weights):
-    """Writes a ``get_weights`` state (``{name: array}``) into a ``to_keras`` model.
-
-    The l1 batch norm ``(z - μ)/σ₁ + β`` becomes Keras's ``γ (z - μ)/sqrt(var + ε) + β``
-    with ``γ = 1/σ₁`` and ``var = 1 - ε``.
-    """
-    i = 0
-    while f"l{i}_kernel" in weights:
-        model.get_layer(f"l{i}").set_weights([np.asarray(weights[f"l{i}_kernel"])])
-        bn = model.get_layer(f"bn{i}")
-        scale = np.asarray(weights[f"l{i}_scale"], np.float32)
-        bn.set_weights([1.0 / scale, np.asarray(weights[f"l{i}_beta"]), np.asarray(weights[f"l{i}_mean"]),
-                        np.full_like(scale, 1.0 - bn.epsilon)])
-        i += 1
-    return model
