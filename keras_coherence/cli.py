@@ -651,22 +651,6 @@ def _quantize_float_model(args, input_shape, num_classes):
         raise UsageError(f"--model {args.model}: {err}") from err
 
 
-def _tflite_scales(tflite_model) -> Dict[str, Any]:
-    """Whether every CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED weight tensor of a
-    TFLite model has exact power-of-two scales (and zero points 0)."""
-    from keras_coherence.quantization.export import tflite_kernels
-
-    kernels = tflite_kernels(tflite_model)
-    po2 = [bool(np.all(np.frexp(k["scales"])[0] == 0.5)) and k["scales"].size > 0 for k in kernels]
-    return {
-        "weight_tensors": len(kernels),
-        "po2_tensors": int(sum(po2)),
-        "all_scales_po2": bool(kernels) and all(po2),
-        "zero_points_zero": all(bool(np.all(k["zero_points"] == 0)) for k in kernels),
-        "max_abs_weight_code": max((int(np.abs(k["values"].astype(np.int64)).max()) for k in kernels), default=0),
-    }
-
-
 def run_quantize(args: argparse.Namespace, out_dir: str, log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Train ``args.model`` in float, then quantization-aware with PO2 weight quantizers
     (``quantize_model``, ``args.method``, ``args.bits``) while a
@@ -720,64 +704,29 @@ def run_quantize(args: argparse.Namespace, out_dir: str, log: Callable[[str], No
     float_seconds = time.perf_counter() - t0
     _, float_acc = float_model.evaluate(x_test, y_test, batch_size=1024, verbose=0)
 
-    monitor = None
-    t0 = time.perf_counter()
-    if tfmot8:
-        import tensorflow_model_optimization as tfmot
+    from keras_coherence.quantization.evaluate import qat_evaluate
 
-        qmodel = tfmot.quantization.keras.quantize_model(float_model)
-    else:
-        from keras_coherence.quantization import ScaleMonitor, quantize_model
-
-        qmodel = quantize_model(float_model, bits=bits, method=args.method, per_channel=args.per_channel,
-                                calibration_data=x_train[:512])
-        monitor = ScaleMonitor(every_n_steps=args.every_n_steps)
-    qmodel.compile(keras.optimizers.SGD(qat_lr), loss, metrics=["accuracy"])
-    qmodel.fit(x_train, y_train, batch_size=args.batch_size, epochs=args.qat_epochs, shuffle=True,
-               callbacks=[monitor] if monitor else [], verbose=verbose)
-    qat_seconds = time.perf_counter() - t0
-
-    from keras_coherence.quantization.export import run_tflite, to_tflite
-
-    t0 = time.perf_counter()
-    if tfmot8:
-        import warnings
-
-        converter = tf.lite.TFLiteConverter.from_keras_model(qmodel)
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        with warnings.catch_warnings():  # "Statistics for quantized inputs were expected": QAT has them
-            warnings.simplefilter("ignore", UserWarning)
-            tflite_model = converter.convert()
-    else:
-        tflite_model = to_tflite(qmodel)  # freezes the quantizers: Keras inference = the exported model
-    export_seconds = time.perf_counter() - t0
+    try:
+        result = qat_evaluate(float_model, (x_train, y_train), (x_test, y_test), method=args.method, bits=bits,
+                              per_channel=args.per_channel, qat_epochs=args.qat_epochs,
+                              optimizer=keras.optimizers.SGD(qat_lr), batch_size=args.batch_size,
+                              every_n_steps=args.every_n_steps, verbose=verbose)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    monitor, tflite_model = result["monitor"], result["tflite"]
+    accuracy, tflite_info, scales = result["accuracy"], result["tflite_info"], result["scales"]
+    accuracy["float"] = float(float_acc)  # as evaluate() reported it above
+    qat_seconds, export_seconds = result["seconds"]["qat"], result["seconds"]["export"]
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "model.tflite"), "wb") as f:
         f.write(tflite_model)
-    keras_pred = qmodel.predict(x_test, batch_size=1024, verbose=0).argmax(1)
-    lite_pred = run_tflite(tflite_model, x_test).argmax(1)
-    accuracy = {"float": float(float_acc), "quantized_keras": float(np.mean(keras_pred == y_test)),
-                "tflite": float(np.mean(lite_pred == y_test)),
-                "keras_tflite_agreement": float(np.mean(keras_pred == lite_pred))}
-    tflite_info = {"bytes": len(tflite_model), **_tflite_scales(tflite_model)}
 
     files = {"tflite": "model.tflite", "summary": "summary.json"}
-    scales = None
     if monitor is not None:
         files["csv"] = os.path.basename(monitor.to_csv(os.path.join(out_dir, "quantize.csv")))
         files["plot"] = os.path.basename(monitor.plot(
             os.path.join(out_dir, "quantize.png"),
             title=f"{bits}-bit {args.method} PO2 scales during QAT: {args.model} on {args.dataset}"))
-        last = monitor.totals[-1]
-        scales = {
-            "records": len(monitor.totals),
-            "flips": int(sum(r["scale_flips"] for r in monitor.totals)),
-            "mean_flip_rate": float(np.mean([r["scale_flip_rate"] for r in monitor.totals])),
-            "final": {k: last[k] for k in ("clip_fraction", "msqe", "wmsqe") if k in last},
-            "layers": {r["layer"]: {k: r[k] for k in ("channels", "exponent_min", "exponent_max", "clip_fraction",
-                                                       "msqe")}
-                       for r in monitor.history if r["step"] == last["step"]},
-        }
     summary = {
         "command": "quantize",
         "config": {k: _jsonable(v) for k, v in sorted(vars(args).items()) if not k.startswith("_")},
@@ -788,6 +737,7 @@ def run_quantize(args: argparse.Namespace, out_dir: str, log: Callable[[str], No
                          "activation_bits": 8},
         "training": {"float_epochs": args.float_epochs, "qat_epochs": args.qat_epochs,
                      "steps_per_epoch": steps_per_epoch, "qat_steps": steps_per_epoch * args.qat_epochs,
+                     "qat_step_ms_median": result["step_ms"],
                      "lr": args.lr, "qat_lr": qat_lr},
         "accuracy": accuracy,
         "tflite": tflite_info,
