@@ -49,6 +49,9 @@ class TrainingModel:
         inputs = self._runners["train"].get_input_details()
         self.x_dtype = inputs["x"]["dtype"]
         self.y_dtype = inputs["y"]["dtype"]
+        batch = int(inputs["x"]["shape_signature"][0])
+        #: the batch size ``train`` was exported for (models with convolutions), or None for any
+        self.train_batch_size = batch if batch > 0 else None
 
     def train_step(self, x, y):
         """One training step; returns the batch loss (float)."""
@@ -149,6 +152,9 @@ def train(model_path, data_path, epochs, batch_size, checkpoint_dir=None, resume
     start = time.perf_counter()
     model = TrainingModel(model_path, num_threads)
     x, y = load_data(data_path)
+    if model.train_batch_size not in (None, batch_size):
+        raise ValueError(f"{model_path} trains on batches of {model.train_batch_size} (fixed at export); "
+                         f"use --batch-size {model.train_batch_size}")
     first_epoch = 1
     if resume:
         if checkpoint_dir is None:

@@ -179,3 +179,21 @@ def test_set_keras_weights_names_what_is_missing(exported):
     _, _, _, _ = exported
     with pytest.raises(ValueError, match="no values for"):
         export_training.set_keras_weights(_bnn("low_memory"), {})
+
+
+def test_conv_backward_needs_a_fixed_batch():
+    """Binary dense layers written as 1x1 BinaryConv2D: their filter gradient is a conv2d
+    over the batch axis, which lowers to CONV_2D only with a fixed batch size."""
+    model = _bnn("low_memory", dense_as_conv=True)
+    with pytest.raises(ValueError, match=r"\['Conv2D'\].*fixed batch size"):
+        export_training.to_tflite(export_training.TrainingModule(model, learning_rate=LR))
+    module = export_training.TrainingModule(model, learning_rate=LR, batch_size=BATCH)
+    initial = module.weights()
+    flatbuffer = export_training.to_tflite(module)
+    assert "CONV_2D" in export_lce.tflite_ops(flatbuffer) and export_lce.non_builtin_ops(flatbuffer) == []
+    x, y = _task(3 * BATCH)
+    tf_losses = [float(module.train(x[i:i + BATCH], y[i:i + BATCH])["loss"]) for i in range(0, len(x), BATCH)]
+    module.assign(initial)
+    train = _litert(flatbuffer).get_signature_runner("train")
+    lite_losses = [float(train(x=x[i:i + BATCH], y=y[i:i + BATCH])["loss"]) for i in range(0, len(x), BATCH)]
+    np.testing.assert_allclose(lite_losses, tf_losses, rtol=1e-4, atol=1e-5)

@@ -109,3 +109,17 @@ def test_clear_errors(files):
     proc = subprocess.run([sys.executable, "-m", "edge", "train", str(model), "--data", str(root / "train.npz"),
                            "--resume"], env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "--resume needs --checkpoint-dir" in proc.stderr
+
+
+def test_fixed_batch_model_names_its_batch_size(files, tmp_path):
+    root, _, blockers = files
+    keras.utils.set_random_seed(2)
+    bnn = models.mlp(input_shape=(12,), num_classes=3, hidden=(8,), method="low_memory")
+    fixed = tmp_path / "fixed.tflite"
+    fixed.write_bytes(export_training.to_tflite(export_training.TrainingModule(bnn, batch_size=8)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(blockers), REPO]))
+    proc = subprocess.run([sys.executable, "-m", "edge", "train", str(fixed), "--data", str(root / "train.npz"),
+                           "--batch-size", "16"], env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "use --batch-size 8" in proc.stderr
+    summary, _ = _edge(blockers, "train", fixed, "--data", root / "train.npz", "--batch-size", 8, "--no-progress")
+    assert summary["steps"] == 96 // 8

@@ -112,7 +112,9 @@ class TrainingModule(tf.Module):
         learning_rate, beta_1, beta_2, epsilon: Adam's.
         clip_binary_kernels: clip kernels marked ``precision == 1`` to [-1, 1] after
             each update (larq's ``weight_clip``); off by default, as in ``train_bnn``.
-        batch_size: fixed batch size of ``train``/``infer``, or None for any.
+        batch_size: fixed batch size of ``train``, or None for any (``infer`` takes any).
+            Models with convolutions need a fixed one: the filter gradient is a
+            convolution whose channel axis is the batch.
     """
 
     def __init__(self, model, learning_rate=1e-3, beta_1=0.9, beta_2=0.999, epsilon=1e-7,
@@ -136,10 +138,12 @@ class TrainingModule(tf.Module):
         self.state_names = list(self.state)
         self.tracked_variables = list(self.state.values())
 
-        x_spec = tf.TensorSpec([batch_size] + model.inputs[0].shape.as_list()[1:], tf.float32, name="x")
+        self.batch_size = batch_size
+        features = model.inputs[0].shape.as_list()[1:]
+        x_spec = tf.TensorSpec([batch_size] + features, tf.float32, name="x")
         y_spec = tf.TensorSpec([batch_size], tf.int32, name="y")
         self.train = tf.function(self._train, input_signature=[x_spec, y_spec])
-        self.infer = tf.function(self._infer, input_signature=[x_spec])
+        self.infer = tf.function(self._infer, input_signature=[tf.TensorSpec([None] + features, tf.float32, name="x")])
         self.get_weights = tf.function(self._get_weights, input_signature=[])
         set_specs = [tf.TensorSpec(self.state[n].shape, tf.float32, name=n) for n in self.state_names]
         self.set_weights = tf.function(self._set_weights, input_signature=set_specs)
@@ -196,12 +200,15 @@ class TrainingModule(tf.Module):
             self.state[n].assign(np.asarray(weights[n], np.float32).reshape(self.state[n].shape))
 
 
+_UNSUPPORTED = re.compile(r"'tf\.(\w+)' op is neither a custom op nor a flex op")
+
+
 def to_tflite(module):
     """Builtin-only TFLite flatbuffer (``bytes``) with the module's four signatures.
 
     Raises:
-        ValueError: the conversion needs a non-builtin op (the converter's message,
-            which names the TF ops, is included), or the file uses one.
+        ValueError: the conversion needs a non-builtin op, named in the message (e.g.
+            ``MaxPoolGrad``, autodiff's gradient of a Keras max pool), or the file uses one.
     """
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "saved_model")
@@ -212,8 +219,15 @@ def to_tflite(module):
         converter.experimental_enable_resource_variables = True
         try:
             flatbuffer = converter.convert()
-        except Exception as err:  # the converter raises ConverterError with the op list
-            raise ValueError(f"the training graph does not lower to TFLite builtins: {err}") from err
+        except Exception as err:  # ConverterError: its message lists the ops
+            ops = sorted(set(_UNSUPPORTED.findall(str(err))))
+            if not ops:
+                raise
+            hint = ""
+            if "Conv2D" in ops and module.batch_size is None:
+                hint = (" (a Conv2D whose filter is a tensor with an unknown dimension: the hand-written "
+                        "convolution backward needs a fixed batch size, TrainingModule(model, batch_size=N))")
+            raise ValueError(f"the training graph needs TF ops with no TFLite builtin: {ops}{hint}") from err
     extra = non_builtin_ops(flatbuffer)
     if extra:
         raise ValueError(f"the training model needs non-builtin ops {extra}; LiteRT cannot run them")
