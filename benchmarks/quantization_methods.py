@@ -13,7 +13,8 @@ from the same float weights, run quantization-aware training (4-bit weights,
 * ``learned+fixes``  -- ``LearnedPo2`` with MSQE rounding and LSQ gradient scaling.
 
 The table: test accuracy of the float model, of the quantized Keras model and of the
-TFLite model in LiteRT (and their top-1 agreement), the mean exponent flip rate per
+TFLite model in LiteRT (their top-1 agreement, and the 99th percentile of
+``|Keras - LiteRT|`` logits in output int8 steps), the mean exponent flip rate per
 step (``ScaleMonitor``: flipped exponents / all exponents, averaged over steps), the
 final clip fraction, the median QAT step time (ms) and whether every exported scale is
 an exact power of two. Each method's QAT is one run with one seed: differences of a
@@ -113,6 +114,8 @@ def main(argv=None):
             row = {"model": name, "method": label, "bits": bits, "float": float(float_acc),
                    "keras": acc["quantized_keras"], "tflite": acc["tflite"],
                    "agreement": acc["keras_tflite_agreement"],
+                   "logit_steps_p99": (result["logit_steps"] or {}).get("p99"),
+                   "logits_within_1_step": (result["logit_steps"] or {}).get("within_1"),
                    "flip_rate": scales["mean_flip_rate"] if scales else None,
                    "clip_fraction": scales["final"]["clip_fraction"] if scales else None,
                    "step_ms": result["step_ms"], "all_scales_po2": info["all_scales_po2"],
@@ -129,12 +132,12 @@ def main(argv=None):
             keras.backend.clear_session()
 
     fmt = lambda v, p="{:.4f}": "–" if v is None else p.format(v)  # noqa: E731
-    print("\n| model | method | float | Keras | TFLite | Keras↔TFLite | flip rate / step | clip | step ms "
-          "| PO2 scales |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| model | method | float | Keras | TFLite | Keras↔TFLite | logit p99 (steps) | flip rate / step "
+          "| clip | step ms | PO2 scales |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['method']} | {r['float']:.4f} | {r['keras']:.4f} | {r['tflite']:.4f} | "
-              f"{r['agreement']:.4f} | {fmt(r['flip_rate'], '{:.2e}')} | {fmt(r['clip_fraction'], '{:.3f}')} | "
+              f"{r['agreement']:.4f} | {fmt(r['logit_steps_p99'], '{:.1f}')} | {fmt(r['flip_rate'], '{:.2e}')} | {fmt(r['clip_fraction'], '{:.3f}')} | "
               f"{r['step_ms']:.1f} | {r['po2_tensors']} |")
     print(f"\nload average {os.getloadavg()[0]:.2f} at end; results in {os.path.join(args.out, 'results.json')}")
     return np.int64(0)

@@ -85,3 +85,20 @@ def test_bad_options_are_rejected():
         qat_evaluate(_float_model(), _data(8, 0), _data(8, 1), method="msqe", stable_switch_epoch=1)
     with pytest.raises(ValueError, match="8-bit"):
         qat_evaluate(_float_model(), _data(8, 0), _data(8, 1), method="tfmot8", bits=4)
+
+
+def test_logit_steps_against_the_output_scale():
+    from keras_coherence.quantization.export import run_tflite, tflite_output_step
+
+    keras.utils.set_random_seed(3)
+    result = qat_evaluate(_float_model(), _data(32, 4), _data(16, 5), method="learned", batch_size=16)
+    # The dequantized LiteRT outputs lie on the grid of the step read from the file.
+    step = tflite_output_step(result["tflite"])
+    lite = run_tflite(result["tflite"], _data(16, 5)[0])
+    codes = lite / step
+    np.testing.assert_allclose(codes, np.round(codes), atol=1e-3)
+    assert step > 0
+    keras_logits = result["qmodel"].predict(_data(16, 5)[0], verbose=0)
+    expected = np.abs(keras_logits - lite) / step
+    assert result["logit_steps"]["max"] == pytest.approx(float(expected.max()), rel=1e-5, abs=1e-6)
+    assert 0.0 <= result["logit_steps"]["within_1"] <= 1.0

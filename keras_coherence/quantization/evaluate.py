@@ -112,12 +112,14 @@ def qat_evaluate(float_model, train, test, method: str = "msqe", bits: int = 4, 
 
     Returns:
         A dict: ``qmodel``, ``tflite`` (bytes), ``monitor`` (or None), ``accuracy``
-        (float, quantized_keras, tflite, keras_tflite_agreement), ``tflite_info``
+        (float, quantized_keras, tflite, keras_tflite_agreement), ``logit_steps``
+        (``|Keras - LiteRT|`` logits in output int8 steps: max, p99, mean and the
+        fraction within one step), ``tflite_info``
         (``bytes`` and ``tflite_scale_report``), ``scales`` (flip/clip summary or
         None), ``step_ms`` (median QAT batch time) and ``seconds`` (qat, export).
     """
     from keras_coherence.quantization import ScaleMonitor, quantize_model
-    from keras_coherence.quantization.export import run_tflite, to_tflite
+    from keras_coherence.quantization.export import run_tflite, tflite_output_step, to_tflite
 
     (x_train, y_train), (x_test, y_test) = train, test
     tfmot8 = method == "tfmot8"
@@ -150,12 +152,19 @@ def qat_evaluate(float_model, train, test, method: str = "msqe", bits: int = 4, 
     tflite_model = _tfmot8_tflite(qmodel) if tfmot8 else to_tflite(qmodel)
     export_seconds = time.perf_counter() - t0
     float_pred = float_model.predict(x_test, batch_size=1024, verbose=0).argmax(1)
-    keras_pred = qmodel.predict(x_test, batch_size=1024, verbose=0).argmax(1)
-    lite_pred = run_tflite(tflite_model, x_test).argmax(1)
+    keras_logits = qmodel.predict(x_test, batch_size=1024, verbose=0)
+    lite_logits = run_tflite(tflite_model, x_test)
+    keras_pred, lite_pred = keras_logits.argmax(1), lite_logits.argmax(1)
+    step = tflite_output_step(tflite_model)
+    steps = np.abs(keras_logits - lite_logits) / step if step else None
     accuracy = {"float": float(np.mean(float_pred == y_test)),
                 "quantized_keras": float(np.mean(keras_pred == y_test)),
                 "tflite": float(np.mean(lite_pred == y_test)),
                 "keras_tflite_agreement": float(np.mean(keras_pred == lite_pred))}
+    # Keras vs LiteRT logits in output int8 steps: the parity beyond top-1.
+    logit_steps = None if steps is None else {
+        "max": float(steps.max()), "p99": float(np.percentile(steps, 99)), "mean": float(steps.mean()),
+        "within_1": float(np.mean(steps <= 1.0 + 1e-3))}
     scales = None
     if monitor is not None and monitor.totals:
         last = monitor.totals[-1]
@@ -173,6 +182,7 @@ def qat_evaluate(float_model, train, test, method: str = "msqe", bits: int = 4, 
         "tflite": tflite_model,
         "monitor": monitor,
         "accuracy": accuracy,
+        "logit_steps": logit_steps,
         "tflite_info": {"bytes": len(tflite_model), **tflite_scale_report(tflite_model)},
         "scales": scales,
         "step_ms": timer.median_ms(),

@@ -19,7 +19,7 @@ import numpy as np
 from keras_coherence._keras import tf
 from keras_coherence.quantization import qat
 
-__all__ = ["IntegerKernel", "integer_weights", "to_tflite", "tflite_kernels", "run_tflite"]
+__all__ = ["IntegerKernel", "integer_weights", "to_tflite", "tflite_kernels", "tflite_output_step", "run_tflite"]
 
 _KINDS = {"dense": "dense", "conv": "conv2d", "depthwise": "depthwise_conv2d"}
 _TFLITE_OPS = {"CONV_2D": "conv2d", "DEPTHWISE_CONV_2D": "depthwise_conv2d", "FULLY_CONNECTED": "dense"}
@@ -263,6 +263,20 @@ def tflite_kernels(tflite_model):
             "quantized_dimension": int(qp["quantized_dimension"]),
         })
     return out
+
+
+def tflite_output_step(tflite_model):
+    """The quantization step of the model's (first) output: the scale of the int8 tensor
+    that the final DEQUANTIZE turns into the float output, or None if the output is not
+    dequantized from an integer tensor. Output differences divided by it count int8 steps."""
+    interp = _interpreter(tflite_model)
+    details = {d["index"]: d for d in interp.get_tensor_details()}
+    output = interp.get_output_details()[0]["index"]
+    for op in interp._get_ops_details():
+        if op["op_name"] == "DEQUANTIZE" and output in [int(i) for i in op["outputs"]]:
+            scale = details[int(op["inputs"][0])]["quantization_parameters"]["scales"]
+            return float(scale[0]) if len(scale) == 1 else None
+    return None
 
 
 def run_tflite(tflite_model, x, batch_size=256):

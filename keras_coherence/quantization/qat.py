@@ -491,10 +491,10 @@ def quantize_model(model, bits=4, method="msqe", per_channel=True, fold_batchnor
         method: ``"msqe"`` (``MSQEPo2``), ``"msqe_baseline"`` (``MSQEPo2Baseline``,
             QKeras auto_po2), ``"learned"`` (``LearnedPo2``), a registry alias, or a
             ``PO2Quantizer`` / config used as a template (its ``bits``,
-            ``per_channel`` and ``channel_axis`` are replaced). Per channel, a 3x3 depthwise kernel has 9 weights per exponent;
-            ``MSQEPo2`` applies its 2-sigma outlier mask only to groups of at least
-            ``outlier_min_size`` (16) weights, since masking there drops each
-            channel's dominant tap.
+            ``per_channel`` and ``channel_axis`` are replaced). Per channel, a 3x3
+            depthwise kernel has 9 weights per exponent; ``MSQEPo2`` applies its
+            2-sigma outlier mask only to groups of at least ``outlier_min_size``
+            (16) weights, since masking there drops each channel's dominant tap.
         per_channel: one exponent per output channel for Conv2D / DepthwiseConv2D
             (Dense kernels are always per-tensor: the TFLite converter rejects
             per-channel fully-connected weights).
