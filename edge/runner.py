@@ -97,7 +97,8 @@ def epoch_batches(n, batch_size, seed, epoch):
 
 
 class ProgressBar:
-    """A plain-text progress bar on ``stream`` (``\\r``-updated, one line per epoch)."""
+    """A plain-text progress bar on ``stream``: ``\\r``-updated on a terminal, one line
+    per epoch otherwise (logs stay readable)."""
 
     def __init__(self, total, label, stream=None, width=30):
         self.total, self.label, self.width = total, label, width
@@ -105,6 +106,8 @@ class ProgressBar:
         self.start = time.perf_counter()
 
     def update(self, done, loss):
+        if done != self.total and not self.stream.isatty():
+            return
         filled = int(self.width * done / self.total)
         elapsed = time.perf_counter() - self.start
         self.stream.write(f"\r{self.label} [{'#' * filled}{'.' * (self.width - filled)}] "
@@ -147,7 +150,9 @@ def train(model_path, data_path, epochs, batch_size, checkpoint_dir=None, resume
 
     Checkpoints go to ``checkpoint_dir`` after every epoch; ``resume`` restarts from
     the newest one there. ``loss_log`` (a path) gets one ``epoch,step,loss`` line per
-    step (appended). Returns a summary dict (losses, wall time, peak memory).
+    step (appended). Returns a summary dict: losses, median step time, wall time, and
+    peak RSS (``ru_maxrss``) after loading the model and data (``setup_peak_rss_mib``)
+    and at the end (``peak_rss_mib``).
     """
     start = time.perf_counter()
     model = TrainingModel(model_path, num_threads)
@@ -165,6 +170,7 @@ def train(model_path, data_path, epochs, batch_size, checkpoint_dir=None, resume
         first_epoch = load_checkpoint(model, found[1]) + 1
     log = open(loss_log, "a") if loss_log else None
     epoch_losses, step_times = [], []
+    setup_rss = peak_rss_mib()
     try:
         for epoch in range(first_epoch, epochs + 1):
             batches = epoch_batches(len(x), batch_size, seed, epoch)
@@ -194,6 +200,7 @@ def train(model_path, data_path, epochs, batch_size, checkpoint_dir=None, resume
         "epoch_losses": epoch_losses,
         "median_step_ms": float(np.median(step_times) * 1e3) if step_times else None,
         "wall_s": time.perf_counter() - start,
+        "setup_peak_rss_mib": setup_rss,
         "peak_rss_mib": peak_rss_mib(),
     }
 

@@ -232,3 +232,130 @@ def to_tflite(module):
     if extra:
         raise ValueError(f"the training model needs non-builtin ops {extra}; LiteRT cannot run them")
     return flatbuffer
+
+
+# ------------------------------------------------------------ command line
+def _build(args):
+    from keras_coherence._keras import keras
+    from keras_coherence.binary.models import build_model
+
+    keras.utils.set_random_seed(args.seed)
+    kwargs = {"hidden": tuple(int(w) for w in args.hidden.split(","))} if args.hidden else {}
+    if args.dense_as_conv:
+        kwargs["dense_as_conv"] = True
+    return build_model(args.model, args.method, **kwargs)
+
+
+def _export(args):
+    """Training model + data files for ``python -m edge``."""
+    from keras_coherence.binary.training import scale_inputs
+    from keras_coherence.data import load_dataset
+
+    os.makedirs(args.out, exist_ok=True)
+    (x, y), (x_test, y_test) = load_dataset(args.dataset, max_examples=args.max_examples,
+                                                 seed=args.data_seed)
+    np.savez(os.path.join(args.out, "train.npz"), x=scale_inputs(x), y=y.astype(np.int32))
+    np.savez(os.path.join(args.out, "test.npz"), x=scale_inputs(x_test), y=y_test.astype(np.int32))
+    module = TrainingModule(_build(args), learning_rate=args.learning_rate, batch_size=args.fixed_batch)
+    flatbuffer = to_tflite(module)
+    path = os.path.join(args.out, "train.tflite")
+    with open(path, "wb") as f:
+        f.write(flatbuffer)
+    return {"model": path, "bytes": len(flatbuffer), "state_tensors": len(module.state_names),
+            "train_examples": len(x), "test_examples": len(x_test)}
+
+
+def _lce(args):
+    """A device checkpoint into a fresh Keras model, then LCE and float TFLite files."""
+    from keras_coherence.binary import export_lce
+
+    model = _build(args)
+    with np.load(args.weights) as data:
+        set_keras_weights(model, {k: data[k] for k in data.files})
+    with np.load(args.data) as data:
+        x, y = data["x"], data["y"]
+    lce_model = export_lce.to_lce(model)
+    report = export_lce.compare(model, x[:args.parity_examples], lce_model=lce_model)
+    with open(os.path.join(args.out, "model_lce.tflite"), "wb") as f:
+        f.write(lce_model)
+    keras_accuracy = float(np.mean(model.predict(x, verbose=0).argmax(-1) == y))
+    lce_accuracy = float(np.mean(export_lce.lce_predict(lce_model, x).argmax(-1) == y))
+    return {"lce_bytes": report.lce_bytes, "float_bytes": report.float_bytes, "size_ratio": report.size_ratio,
+            "lce_ops": report.lce_ops, "max_abs_diff": report.max_abs_diff,
+            "argmax_agreement": report.argmax_agreement, "lce_ms": report.lce_latency_s * 1e3,
+            "float_ms": report.float_latency_s * 1e3, "keras_accuracy": keras_accuracy,
+            "lce_accuracy": lce_accuracy}
+
+
+def _keras_train(args):
+    """Keras ``train_on_batch`` on the batches ``python -m edge train`` uses, timed and
+    measured as it measures (median step, process peak RSS)."""
+    import time
+
+    from edge.runner import epoch_batches, load_data, peak_rss_mib
+    from keras_coherence._keras import keras
+
+    start = time.perf_counter()
+    x, y = load_data(args.data)
+    model = _build(args)
+    model.compile(keras.optimizers.Adam(args.learning_rate),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    losses, times = [], []
+    setup_rss = peak_rss_mib()
+    for epoch in range(1, args.epochs + 1):
+        for idx in epoch_batches(len(x), args.batch_size, args.seed, epoch):
+            t0 = time.perf_counter()
+            losses.append(float(model.train_on_batch(x[idx], y[idx])))
+            times.append(time.perf_counter() - t0)
+    out = {"command": "keras-train", "method": args.method, "steps": len(times), "final_loss": losses[-1],
+           "median_step_ms": float(np.median(times) * 1e3), "wall_s": time.perf_counter() - start,
+           "setup_peak_rss_mib": setup_rss, "peak_rss_mib": peak_rss_mib()}
+    if args.test is not None:
+        x_test, y_test = load_data(args.test)
+        out["test_accuracy"] = float(np.mean(model.predict(x_test, verbose=0).argmax(-1) == y_test))
+    return out
+
+
+def main(argv=None):
+    """``python -m keras_coherence.binary.export_training export|lce|keras-train``."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m keras_coherence.binary.export_training",
+                                     description="On-device training export of binary networks.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    commands = {
+        "export": (_export, "write train.tflite (builtin-only training model), train.npz and test.npz"),
+        "lce": (_lce, "load a device checkpoint into the Keras model and export it with LCE"),
+        "keras-train": (_keras_train, "the same batches trained with Keras, measured like python -m edge"),
+    }
+    for name, (_, text) in commands.items():
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--model", default="mlp")
+        p.add_argument("--method", default="low_memory")
+        p.add_argument("--hidden", help="comma-separated hidden widths (mlp)")
+        p.add_argument("--dense-as-conv", action="store_true")
+        p.add_argument("--seed", type=int, default=0, help="initialization (and keras-train's shuffling) seed")
+        p.add_argument("--learning-rate", type=float, default=1e-3)
+        if name == "export":
+            p.add_argument("--out", required=True)
+            p.add_argument("--dataset", default="embedded_mnist")
+            p.add_argument("--max-examples", type=int)
+            p.add_argument("--data-seed", type=int, default=0, help="train/test split seed")
+            p.add_argument("--fixed-batch", type=int, help="fixed train batch (needed with convolutions)")
+        elif name == "lce":
+            p.add_argument("--weights", required=True, help="a checkpoint .npz from python -m edge train")
+            p.add_argument("--data", required=True, help="an .npz with x, y (e.g. test.npz)")
+            p.add_argument("--out", required=True)
+            p.add_argument("--parity-examples", type=int, default=200)
+        else:
+            p.add_argument("--data", required=True)
+            p.add_argument("--test", help="an .npz with x, y: report test accuracy after training")
+            p.add_argument("--epochs", type=int, default=1)
+            p.add_argument("--batch-size", type=int, default=100)
+    args = parser.parse_args(argv)
+    print(json.dumps(commands[args.command][0](args)))
+
+
+if __name__ == "__main__":
+    main()
