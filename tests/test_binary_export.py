@@ -220,3 +220,14 @@ def test_documented_commands_end_to_end(tmp_path, capsys):
     export_training.main(["keras-train", *common, "--data", str(tmp_path / "train.npz"), "--batch-size", "50"])
     keras_run = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert keras_run["steps"] == summary["steps"] and keras_run["peak_rss_mib"] >= keras_run["setup_peak_rss_mib"]
+
+
+def test_clip_binary_kernels_keeps_latent_weights_in_range():
+    model = _bnn("low_memory")
+    module = export_training.TrainingModule(model, learning_rate=0.5, clip_binary_kernels=True)
+    x, y = _task(2 * BATCH)
+    for i in range(0, len(x), BATCH):
+        module.train(x[i:i + BATCH], y[i:i + BATCH])
+    kernels = [v.numpy() for v in model.trainable_variables if getattr(v, "precision", None) == 1]
+    assert kernels and all(np.abs(k).max() <= 1.0 for k in kernels)
+    assert any(np.abs(k).max() == 1.0 for k in kernels)  # lr 0.5 pushes some to the bound
