@@ -15,6 +15,12 @@ Subcommands:
   records the scales; export an integer TFLite model and compare the float,
   quantized (Keras) and TFLite test accuracy; writes ``quantize.csv``,
   ``quantize.png``, ``model.tflite`` and ``summary.json``.
+* ``bnn`` -- train a binary network standard or with low memory
+  (:func:`~keras_coherence.binary.training.train_bnn`), compare its modelled training
+  memory with standard training, export it for Larq Compute Engine inference and as a
+  builtin-only on-device training model, and run a few training steps of that in LiteRT;
+  writes ``summary.json``, ``memory.csv``, the ``.tflite`` files and ``.npz`` data for
+  ``python -m edge train``.
 * ``demo`` -- short versions of the jobs above (what ``make demo`` runs).
 
 Run ``keras-coherence COMMAND --help`` for the options of one subcommand.
@@ -53,8 +59,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple  # noqa:
 
 import numpy as np  # noqa: E402
 
-__all__ = ["UsageError", "arg", "demo_section", "main", "run_aggregate", "run_coherence", "run_quantize",
-           "subcommand"]
+__all__ = ["UsageError", "arg", "demo_section", "main", "run_aggregate", "run_bnn", "run_coherence",
+           "run_quantize", "subcommand"]
 
 PROG = "keras-coherence"
 _AUTO_MEASUREMENTS = 50  # --every-n-steps auto: about this many measurements per run
@@ -787,6 +793,349 @@ def quantize_command(args):
 
 
 # --------------------------------------------------------------------------------------
+# The bnn job
+# --------------------------------------------------------------------------------------
+
+BNN_MODELS = ("mlp", "cnv", "binarynet", "resnet_e18")
+BNN_METHODS = ("standard", "low_memory", "low_memory_po2")
+BNN_OPTIMIZERS = ("adam", "bop")
+
+#: The ``bnn`` options (--seed and --quiet of ``TRAINING_ARGS``; the rest are its own).
+BNN_ARGS = [
+    arg("--dataset", default="embedded_mnist",
+        help="'embedded_mnist' (offline, 4000 train / 1000 test) or a tensorflow_datasets name prepared "
+             "in TFDS's default data directory (train_bnn loads it by name)"),
+    arg("--max-train", type=_positive_int, default=None, metavar="N",
+        help="use at most N training examples (train_bnn caps the test split at N too)"),
+    arg("--model", default="mlp", choices=BNN_MODELS,
+        help="binary network; cnv and resnet_e18 need images of at least 32x32 (train_bnn does not pad)"),
+    arg("--hidden", type=_widths, default=None, metavar="W1,W2,..",
+        help="hidden widths of the mlp (default 256,256,256,256)"),
+    arg("--method", default="low_memory", choices=BNN_METHODS,
+        help="'standard' (larq layers, float32 training) or the low-memory method (float16 or PO2 "
+             "activation gradients)"),
+    arg("--optimizer", default="adam", choices=BNN_OPTIMIZERS,
+        help="Keras training optimizer ('bop': Bop on the binary kernels, Adam on the rest); the "
+             "on-device training model always uses Adam"),
+    arg("--epochs", type=_positive_int, default=5, help="training epochs"),
+    arg("--batch-size", type=_positive_int, default=100,
+        help="mini-batch size of the Keras training, the memory table and the on-device steps"),
+    arg("--lr", type=_positive_float, default=1e-3,
+        help="Adam learning rate (Keras training and the on-device training model)"),
+    arg("--device-steps", type=_positive_int, default=5, metavar="N",
+        help="on-device training steps run in LiteRT after the export (the batches 'python -m edge "
+             "train --seed SEED' starts with)"),
+    arg("--export", default=None, metavar="DIR",
+        help="where the .tflite files and the .npz data go (default: <--out>/export)"),
+    *[a for a in TRAINING_ARGS if a[0][0] in ("--seed", "--quiet")],
+    arg("--out", default=os.path.join("runs", "bnn"), metavar="DIR", help="output directory"),
+]
+
+
+def _bnn_data(args):
+    """``((x, y), (x_test, y_test))`` as ``train_bnn`` loads them (inputs scaled to [-1, 1],
+    int32 labels), for the exports and the device; UsageError for a bad dataset or size."""
+    from keras_coherence import data
+    from keras_coherence.binary.training import scale_inputs
+
+    try:
+        (x, y), (x_test, y_test) = data.load_dataset(args.dataset, max_examples=args.max_train, seed=args.seed)
+    except data.DatasetNotAvailableError as err:
+        raise UsageError(f"--dataset {args.dataset}: {str(err).splitlines()[0]}") from err
+    except (ValueError, ImportError) as err:
+        raise UsageError(f"--dataset {args.dataset}: {err}") from err
+    if len(x_test) == 0:
+        raise UsageError(f"--dataset {args.dataset}: the test split is empty; the accuracies need it.")
+    if args.batch_size > len(x):
+        raise UsageError(f"--batch-size {args.batch_size} is larger than the {len(x)} training examples "
+                         "(the on-device runner trains on full batches only).")
+    return (scale_inputs(x), y.astype(np.int32)), (scale_inputs(x_test), y_test.astype(np.int32))
+
+
+def _bnn_model_kwargs(args, input_shape, num_classes):
+    """The builder kwargs ``train_bnn`` gets; builds the model once so that a model that does
+    not fit the data fails before training."""
+    from keras_coherence.binary.models import build_model
+
+    kwargs = {}
+    if args.hidden is not None:
+        if args.model != "mlp":
+            raise UsageError("--hidden only applies to --model mlp.")
+        kwargs["hidden"] = args.hidden
+    try:
+        build_model(args.model, args.method, input_shape=input_shape, num_classes=num_classes, **kwargs)
+    except ValueError as err:
+        shape = "x".join(map(str, input_shape))
+        hint = "" if args.model == "mlp" else (
+            "; the conv models are built for 32x32 images and train_bnn trains on the images as loaded "
+            "(no padding): use --model mlp or binarynet, or a 32x32 dataset")
+        reason = str(err).strip().splitlines()[0].rstrip(".")
+        raise UsageError(f"--model {args.model} does not fit the {shape} inputs of --dataset {args.dataset} "
+                         f"({reason}){hint}.") from err
+    return kwargs
+
+
+def _bnn_memory(args, input_shape, num_classes, kwargs):
+    """Modelled training memory (``memory_profile``) of standard training and of ``args.method``
+    at ``args.batch_size``: ``(summary dict, per-layer CSV rows)``."""
+    from keras_coherence.binary.memory import memory_profile
+
+    profiles = {m: memory_profile(args.model, args.batch_size, m, args.optimizer, input_shape=input_shape,
+                                  num_classes=num_classes, **kwargs)
+                for m in dict.fromkeys(("standard", args.method))}
+    bits = {m: p.totals() for m, p in profiles.items()}
+    mib = {m: {k: v / 8 / 2 ** 20 for k, v in t.items()} for m, t in bits.items()}
+    summary = {"batch_size": args.batch_size, "optimizer": args.optimizer, "optimizer_bits": 32,
+               "bits": bits, "mib": mib, "ratio": bits["standard"]["peak"] / bits[args.method]["peak"]}
+    rows = [{"method": m, **dataclasses.asdict(r)} for m, p in profiles.items() for r in p.rows]
+    return summary, rows
+
+
+def _bnn_memory_lines(memory, method):
+    """The totals table: one line per column, standard vs ``method`` in MiB and their ratio."""
+    from keras_coherence.binary.memory import COLUMNS
+
+    std, low = memory["mib"]["standard"], memory["mib"][method]
+    lines = [f"  modelled training memory at batch {memory['batch_size']} ({memory['optimizer']}, "
+             f"{memory['optimizer_bits']}-bit optimizer slots), MiB:",
+             f"    {'':<18} {'standard':>10} {method:>15} {'ratio':>7}"]
+    for key in (*COLUMNS, "peak"):
+        ratio = f"{std[key] / low[key]:.2f}x" if low[key] else "-"
+        lines.append(f"    {key:<18} {std[key]:>10.3f} {low[key]:>15.3f} {ratio:>7}")
+    return lines
+
+
+def _write_summary(out_dir, summary):
+    """Adds the package versions to ``summary`` and writes it to ``out_dir/summary.json``."""
+    from keras_coherence import __version__
+    from keras_coherence._keras import tf
+
+    summary["versions"] = {"keras_coherence": __version__, "tensorflow": tf.__version__,
+                           "python": platform.python_version()}
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+        f.write("\n")
+
+
+def _keras_adam_state(module, optimizer):
+    """The ``TrainingModule`` state entries of a Keras ``Adam`` optimizer's moments and step
+    (its variables ``Adam/m/<variable>``, ``Adam/v/<variable>``), or None when the
+    optimizer is not Adam or does not cover every trainable variable (the device then starts
+    Adam afresh)."""
+    import re
+
+    from keras_coherence.binary.export_training import state_name
+
+    state = {"adam_step": np.float32(optimizer.iterations.numpy())}
+    variables = optimizer.variables
+    for var in variables() if callable(variables) else variables:  # a method on legacy optimizers
+        match = re.fullmatch(r"Adam/([mv])/(.+)", var.name)
+        if match:
+            state[f"adam_{match[1]}_{state_name(match[2])}"] = var.numpy()
+    wanted = {f"adam_{k}_{n}" for n in module.trainable_names for k in "mv"}
+    return state if wanted <= set(state) else None
+
+
+def _edge_runner():
+    """``edge.runner`` (the device side); UsageError when the package is not importable."""
+    try:
+        from edge import runner
+    except ImportError as err:
+        raise UsageError(f"the device runner 'edge' is not importable ({err}); run from the repository "
+                         "root or reinstall the package") from err
+    return runner
+
+
+def _bnn_device_steps(runner, path, train, test, args):
+    """Runs ``args.device_steps`` training steps of the exported training model in LiteRT on
+    the batches ``python -m edge train --seed SEED`` starts with; returns the device report."""
+    (x, y), (x_test, y_test) = train, test
+    device = runner.TrainingModel(path)
+    before = device.infer(x_test)
+    batches, epoch = [], 1
+    while len(batches) < args.device_steps:
+        batches += runner.epoch_batches(len(x), args.batch_size, args.seed, epoch)
+        epoch += 1
+    losses = [device.train_step(x[idx], y[idx]) for idx in batches[:args.device_steps]]
+    after = device.infer(x_test)
+    return {
+        "signatures": sorted(device.interpreter.get_signature_list()),
+        "optimizer": "adam",
+        "steps": len(losses),
+        "losses": losses,
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+        "loss_slope_per_step": float(np.polyfit(np.arange(len(losses)), losses, 1)[0]) if len(losses) > 1 else None,
+        "accuracy_before": float(np.mean(before.argmax(-1) == y_test)),
+        "accuracy_after": float(np.mean(after.argmax(-1) == y_test)),
+        "logits_before": before,
+    }
+
+
+def run_bnn(args: argparse.Namespace, out_dir: str, log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Train a binary network (``train_bnn``: ``args.model``, ``args.method``,
+    ``args.optimizer``), model its training memory against standard training
+    (``memory_profile``), export it for LCE inference (``export_lce``: size against a
+    float TFLite file, Keras/LCE agreement) and as a builtin-only on-device training model
+    (``export_training``), and run ``args.device_steps`` training steps of that model in
+    LiteRT (``edge.runner``). Writes ``summary.json`` and ``memory.csv`` to ``out_dir`` and
+    ``model_lce.tflite``, ``model_train.tflite``, ``train.npz`` and ``test.npz`` to
+    ``args.export`` (default ``out_dir/export``); returns the summary dict, whose
+    ``edge_commands`` are the ``python -m edge`` command lines for those files.
+
+    The training model of a conv model trains on batches of exactly ``args.batch_size``
+    (its convolution backward needs a fixed batch). A model whose training graph does not
+    lower to TFLite builtins (e.g. max pooling's gradient, ``MaxPoolGrad``) gets no
+    training model: ``summary["device"]["error"]`` says why. Raises
+    :class:`UsageError` for bad options.
+    """
+    import shlex
+
+    from keras_coherence import experiments
+    from keras_coherence.binary import export_lce, export_training
+    from keras_coherence.binary.training import train_bnn
+
+    start = time.perf_counter()
+    runner = _edge_runner()
+    train, test = _bnn_data(args)
+    (x, y), (x_test, y_test) = train, test
+    num_classes = int(max(y.max(), y_test.max())) + 1
+    input_shape = tuple(x.shape[1:])
+    kwargs = _bnn_model_kwargs(args, input_shape, num_classes)
+    export_dir = args.export or os.path.join(out_dir, "export")
+
+    log(f"bnn: {args.model} ({args.method}) on {args.dataset}, {len(x)} training / {len(x_test)} test examples; "
+        f"{args.optimizer} lr {args.lr:g}, batch {args.batch_size}, {args.epochs} "
+        f"epoch{'s' if args.epochs != 1 else ''}")
+    try:
+        result = train_bnn(args.model, args.method, epochs=args.epochs, batch_size=args.batch_size,
+                           optimizer=args.optimizer, learning_rate=args.lr, dataset=args.dataset,
+                           max_examples=args.max_train, seed=args.seed, verbose=0 if args.quiet else 1, **kwargs)
+    except ValueError as err:
+        raise UsageError(str(err).strip().splitlines()[0]) from err
+    model = result.model
+    log(f"  test accuracy {result.test_accuracy:.3f} (train {result.summary()['train_accuracy']:.3f}); "
+        f"{result.seconds:.1f} s of training")
+
+    memory, memory_rows = _bnn_memory(args, input_shape, num_classes, kwargs)
+    for line in _bnn_memory_lines(memory, args.method):
+        log(line)
+
+    os.makedirs(out_dir, exist_ok=True)
+    os.makedirs(export_dir, exist_ok=True)
+    paths = {name: os.path.join(export_dir, name)
+             for name in ("model_lce.tflite", "model_train.tflite", "train.npz", "test.npz")}
+    np.savez(paths["train.npz"], x=x, y=y)
+    np.savez(paths["test.npz"], x=x_test, y=y_test)
+
+    t0 = time.perf_counter()
+    lce_model = export_lce.to_lce(model)
+    with open(paths["model_lce.tflite"], "wb") as f:
+        f.write(lce_model)
+    report = export_lce.compare(model, x_test, repeats=10, lce_model=lce_model)
+    lce_accuracy = float(np.mean(export_lce.lce_predict(lce_model, x_test).argmax(-1) == y_test))
+    lce = {"file": paths["model_lce.tflite"], "bytes": report.lce_bytes, "float_tflite_bytes": report.float_bytes,
+           "size_ratio": report.size_ratio, "ops": report.lce_ops, "test_accuracy": lce_accuracy,
+           "keras_max_abs_diff": report.max_abs_diff, "keras_argmax_agreement": report.argmax_agreement,
+           "latency_ms": report.lce_latency_s * 1e3, "float_latency_ms": report.float_latency_s * 1e3}
+    lce_seconds = time.perf_counter() - t0
+    log(f"  LCE inference model: {report.lce_bytes / 1024:.0f} kB vs {report.float_bytes / 1024:.0f} kB float "
+        f"TFLite ({report.size_ratio:.3f}x); test accuracy {lce_accuracy:.3f}; Keras/LCE top-1 agreement "
+        f"{report.argmax_agreement:.3f}, max |logit difference| {report.max_abs_diff:.2g}")
+
+    t0 = time.perf_counter()
+    try:
+        # convolutions' hand-written filter gradients lower to builtins only with a fixed batch
+        batch = None if args.model == "mlp" else args.batch_size
+        module = export_training.TrainingModule(model, learning_rate=args.lr, batch_size=batch)
+        adam = _keras_adam_state(module, model.optimizer)
+        if adam is not None:  # the device continues Keras's Adam where it stopped
+            module.assign({**module.weights(), **adam})
+        train_model = export_training.to_tflite(module)
+    except ValueError as err:
+        device = {"file": None, "error": str(err)}
+        log(f"  on-device training model: not exported: {str(err).splitlines()[0][:300]}")
+    else:
+        with open(paths["model_train.tflite"], "wb") as f:
+            f.write(train_model)
+        device = _bnn_device_steps(runner, paths["model_train.tflite"], train, test, args)
+        keras_logits = model.predict(x_test, batch_size=1024, verbose=0)
+        device.update(file=paths["model_train.tflite"], bytes=len(train_model), error=None,
+                      adam_moments="from Keras" if adam is not None else "fresh",
+                      keras_max_abs_diff=float(np.abs(device.pop("logits_before") - keras_logits).max()))
+        log(f"  on-device training model: {len(train_model) / 1024:.0f} kB, signatures "
+            f"{', '.join(device['signatures'])}; test accuracy {device['accuracy_before']:.3f} (max |logit "
+            f"difference| to Keras {device['keras_max_abs_diff']:.2g})")
+        log(f"  {device['steps']} on-device steps in LiteRT (Adam lr {args.lr:g}, {device['adam_moments']} "
+            "moments): loss "
+            + " ".join(f"{v:.4f}" for v in device["losses"])
+            + f"; test accuracy after {device['accuracy_after']:.3f}")
+    device_seconds = time.perf_counter() - t0
+
+    edge_commands = None
+    if device["file"]:
+        checkpoints = os.path.join(export_dir, "checkpoints")
+        quote = lambda parts: " ".join(shlex.quote(str(p)) for p in parts)  # noqa: E731
+        edge_commands = {
+            "train": quote(["python", "-m", "edge", "train", paths["model_train.tflite"], "--data", paths["train.npz"],
+                            "--epochs", args.epochs, "--batch-size", args.batch_size, "--seed", args.seed,
+                            "--checkpoint-dir", checkpoints]),
+            "infer": quote(["python", "-m", "edge", "infer", paths["model_train.tflite"], "--data", paths["test.npz"],
+                            "--weights", os.path.join(checkpoints, f"epoch_{args.epochs:04d}.npz")]),
+        }
+    experiments.write_csv(os.path.join(out_dir, "memory.csv"), memory_rows)
+    files = {"summary": "summary.json", "memory_csv": "memory.csv", "lce_model": paths["model_lce.tflite"],
+             "training_model": device["file"], "train_data": paths["train.npz"], "test_data": paths["test.npz"]}
+    summary = {
+        "command": "bnn",
+        "config": {k: _jsonable(v) for k, v in sorted(vars(args).items()) if not k.startswith("_")},
+        "data": {"dataset": args.dataset, "num_train": len(x), "num_test": len(x_test), "num_classes": num_classes,
+                 "input_shape": list(input_shape), "input_range": [-1.0, 1.0]},
+        "model": {"name": args.model, "method": result.method, "parameters": int(model.count_params())},
+        "training": {"optimizer": args.optimizer, "lr": args.lr, "epochs": args.epochs,
+                     "batch_size": args.batch_size, "steps_per_epoch": math.ceil(len(x) / args.batch_size)},
+        "accuracy": {"train": result.summary()["train_accuracy"], "test": result.test_accuracy,
+                     "test_loss": result.test_loss, "lce_test": lce_accuracy,
+                     "device_test_before_steps": device.get("accuracy_before"),
+                     "device_test_after_steps": device.get("accuracy_after")},
+        "memory": memory,
+        "lce": lce,
+        "device": device,
+        "edge_commands": edge_commands,
+        "wall_seconds": {"total": time.perf_counter() - start, "training": result.seconds,
+                         "lce_export": lce_seconds, "device_export_and_steps": device_seconds},
+        "files": files,
+    }
+    _write_summary(out_dir, summary)
+    if edge_commands:
+        log("  train it on the device (LiteRT + numpy only), then evaluate its checkpoint:")
+        log(f"    {edge_commands['train']}")
+        log(f"    {edge_commands['infer']}")
+    log(f"  {summary['wall_seconds']['total']:.1f} s; wrote {os.path.join(out_dir, '')}{{summary.json, memory.csv}} "
+        f"and {os.path.join(export_dir, '')}{{{', '.join(n for n in paths if n != 'model_train.tflite' or device['file'])}}}")
+    return summary
+
+
+@subcommand(
+    "bnn",
+    help="train a binary network (standard or low-memory), export it for LCE inference and on-device "
+         "training, and run a few on-device steps",
+    arguments=BNN_ARGS,
+)
+def bnn_command(args):
+    """Train a binary network with train_bnn (standard, low-memory or low-memory with PO2
+    gradients; Adam or Bop), print its test accuracy and the modelled training memory of
+    standard training against the chosen method at the batch size, export an LCE inference
+    model (size against a float TFLite file, Keras/LCE agreement) and a builtin-only
+    on-device training model (signatures train/infer/get_weights/set_weights), run a few
+    training steps of it in LiteRT and print the 'python -m edge train' command that
+    continues on the device. Writes summary.json and memory.csv to --out and the .tflite
+    files and train/test .npz data to --export."""
+    run_bnn(args, args.out)
+    return 0
+
+
+# --------------------------------------------------------------------------------------
 # The demo: short sections, one per job
 # --------------------------------------------------------------------------------------
 
@@ -883,6 +1232,29 @@ def _demo_quantization(out_dir, demo_args):
             f"{acc['quantized_keras']:.3f}, TFLite {acc['tflite']:.3f}; PO2 scales "
             f"{'all exact' if lite['all_scales_po2'] else 'NOT all exact'}; "
             f"{s['scales']['flips']} exponent flips")
+
+
+#: The binary-network demo's configuration (tests shrink it).
+_DEMO_BNN = {"model": "mlp", "method": "low_memory", "hidden": None, "max_train": 1000, "epochs": 1,
+             "batch_size": 100, "device_steps": 3}
+
+
+@demo_section("bnn", "binary MLP trained low-memory, exported for LCE and on-device training")
+def _demo_bnn(out_dir, demo_args):
+    # The paper's 784-256x4-10 binary MLP, low-memory method, 1 epoch of Adam on 1,000
+    # embedded training images; LCE and training exports and 3 on-device steps in LiteRT.
+    # About 30 s on 2 CPU cores, most of it the two TFLite conversions.
+    cfg = dict(_DEMO_BNN)
+    args = _defaults(BNN_ARGS, model=cfg["model"], method=cfg["method"], hidden=cfg["hidden"],
+                     max_train=cfg["max_train"], epochs=cfg["epochs"], batch_size=cfg["batch_size"],
+                     device_steps=cfg["device_steps"], seed=demo_args.seed, quiet=True)
+    s = run_bnn(args, out_dir, log=lambda line: None if demo_args.quiet else print(line, flush=True))
+    device, losses = s["device"], s["device"].get("losses")
+    trend = (f"device loss {losses[0]:.3f} -> {losses[-1]:.3f} in {len(losses)} steps" if losses
+             else "no on-device training model")
+    return (f"test accuracy {s['accuracy']['test']:.3f} (LCE {s['accuracy']['lce_test']:.3f}); modelled memory "
+            f"{s['memory']['ratio']:.2f}x below standard; LCE file {s['lce']['size_ratio']:.2f}x the float "
+            f"TFLite; {trend}")
 
 
 @subcommand(

@@ -1,0 +1,198 @@
+"""The ``bnn`` command and its demo section.
+
+The figures it reports are recomputed here from other sources: the memory totals by
+calling ``memory_profile`` directly; the Keras test accuracy by writing the weights held in
+the exported training model (LiteRT ``get_weights``, which also holds Keras's Adam moments)
+into a freshly built model; the LCE accuracy by running the written LCE file in LCE's own interpreter; the on-device losses
+and accuracy by running the printed ``python -m edge`` command lines on the written files.
+"""
+import json
+import shlex
+
+import numpy as np
+import pytest
+from conftest import read_csv
+
+from keras_coherence import cli, data
+from keras_coherence._keras import keras
+from keras_coherence.binary import export_lce, export_training
+from keras_coherence.binary.memory import COLUMNS, memory_profile
+from keras_coherence.binary.models import build_model
+
+pytestmark = pytest.mark.usefixtures("cache_in_tmp")
+
+# 256 examples in batches of 64: the 4 device steps are exactly one `edge train` epoch
+TINY = ["--hidden", "16", "--max-train", "256", "--batch-size", "64", "--epochs", "1", "--device-steps", "4",
+        "--quiet", "--seed", "1"]
+SHAPE, CLASSES = (28, 28, 1), 10
+
+
+@pytest.fixture(scope="module")
+def tiny_bnn(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bnn")
+    code = cli.main(["bnn", *TINY, "--out", str(out)])
+    summary = json.loads((out / "summary.json").read_text()) if code == 0 else None
+    return code, out, summary
+
+
+def _test_data(n=256, seed=1):
+    return data.load_dataset("embedded_mnist", split="test", max_examples=n, seed=seed)
+
+
+def test_bnn_writes_data_and_memory_figures(tiny_bnn):
+    code, out, summary = tiny_bnn
+    assert code == 0
+    export = out / "export"
+    for path in (out / "memory.csv", export / "model_lce.tflite", export / "model_train.tflite",
+                 export / "train.npz", export / "test.npz"):
+        assert path.is_file(), path
+    assert summary["command"] == "bnn" and summary["model"]["method"] == "low_memory"
+    assert summary["data"]["num_train"] == summary["data"]["num_test"] == 256
+
+    # the .npz data are the embedded MNIST subset scaled to [-1, 1], integer labels
+    (x, y), _ = data.load_dataset("embedded_mnist", max_examples=256, seed=1)
+    with np.load(export / "train.npz") as train:
+        np.testing.assert_array_equal(train["x"], x * 2.0 - 1.0)
+        np.testing.assert_array_equal(train["y"], y)
+        assert train["y"].dtype == np.int32
+
+    # memory totals: memory_profile called here directly
+    memory = summary["memory"]
+    profiles = {m: memory_profile("mlp", 64, m, "adam", input_shape=SHAPE, num_classes=CLASSES, hidden=(16,))
+                for m in ("standard", "low_memory")}
+    assert memory["bits"] == {m: p.totals() for m, p in profiles.items()}
+    assert memory["ratio"] == profiles["standard"].peak_bits / profiles["low_memory"].peak_bits
+    assert memory["mib"]["low_memory"]["peak"] == pytest.approx(profiles["low_memory"].peak_mib, rel=1e-12)
+    rows = read_csv(out / "memory.csv")
+    assert [(r["method"], r["layer"]) for r in rows] == [(m, r.layer) for m, p in profiles.items() for r in p.rows]
+    for m in profiles:
+        for column in COLUMNS[:-1]:  # gradient buffers: the largest layer's, not a sum
+            assert sum(int(r[column]) for r in rows if r["method"] == m) == memory["bits"][m][column]
+
+
+def test_bnn_accuracies_from_the_written_files(tiny_bnn):
+    from ai_edge_litert.interpreter import Interpreter
+    from larq_compute_engine.tflite.python.interpreter import Interpreter as LceInterpreter
+
+    _, out, summary = tiny_bnn
+    x_test, y_test = _test_data()
+    x_test = x_test * 2.0 - 1.0
+    interp = Interpreter(model_path=str(out / "export" / "model_train.tflite"))
+    assert set(interp.get_signature_list()) == {"train", "infer", "get_weights", "set_weights"}
+    assert summary["device"]["signatures"] == sorted(interp.get_signature_list())
+
+    # the training file holds the Keras-trained weights: a fresh model with them has the
+    # test accuracy the command reports
+    state = interp.get_signature_runner("get_weights")()
+    # ... and Keras's Adam state after its 4 steps (256 examples, batch 64), not fresh moments
+    assert summary["device"]["adam_moments"] == "from Keras" and float(state["adam_step"]) == 4.0
+    assert np.abs(state["adam_v_fc_1_kernel"]).max() > 0 and np.abs(state["adam_m_logits_kernel"]).max() > 0
+    fresh = build_model("mlp", "low_memory", input_shape=SHAPE, num_classes=CLASSES, hidden=(16,))
+    export_training.set_keras_weights(fresh, state)
+    fresh.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    _, keras_acc = fresh.evaluate(x_test, y_test, batch_size=64, verbose=0)
+    assert summary["accuracy"]["test"] == pytest.approx(keras_acc, abs=1e-6)
+    logits = interp.get_signature_runner("infer")(x=x_test)["logits"]
+    assert summary["device"]["accuracy_before"] == float(np.mean(logits.argmax(-1) == y_test))
+
+    # the LCE file in LCE's interpreter
+    lce_bytes = (out / "export" / "model_lce.tflite").read_bytes()
+    lce_logits = np.asarray(LceInterpreter(lce_bytes).predict(x_test))
+    assert summary["accuracy"]["lce_test"] == float(np.mean(lce_logits.argmax(-1) == y_test))
+    np.testing.assert_allclose(lce_logits, fresh.predict(x_test, verbose=0), atol=1e-4)
+    lce = summary["lce"]
+    assert lce["bytes"] == len(lce_bytes) < lce["float_tflite_bytes"]
+    assert "LceBconv2d" in lce["ops"] and lce["keras_argmax_agreement"] == 1.0
+    assert export_lce.tflite_ops(lce_bytes) == lce["ops"]
+
+
+def test_printed_edge_commands_repeat_the_device_steps(tiny_bnn, tmp_path, capsys):
+    from edge.__main__ import main as edge_main
+
+    _, out, summary = tiny_bnn
+    device, commands = summary["device"], summary["edge_commands"]
+    assert device["steps"] == len(device["losses"]) == 4 and device["optimizer"] == "adam"
+    train = shlex.split(commands["train"])
+    assert train[:4] == ["python", "-m", "edge", "train"] and str(out / "export" / "model_train.tflite") in train
+    log = tmp_path / "losses.csv"
+    assert edge_main(train[3:] + ["--no-progress", "--loss-log", str(log)]) == 0
+    edge_losses = [float(line.split(",")[2]) for line in log.read_text().split()]
+    np.testing.assert_allclose(edge_losses, device["losses"], rtol=1e-6)
+    assert device["first_loss"] == device["losses"][0] and device["last_loss"] == device["losses"][-1]
+    capsys.readouterr()
+    assert edge_main(shlex.split(commands["infer"])[3:]) == 0
+    infer = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert infer["accuracy"] == device["accuracy_after"] and infer["examples"] == 256
+
+
+def test_bnn_standard_bop_prints_and_exports_where_told(tmp_path, capsys):
+    export = tmp_path / "elsewhere"
+    code = cli.main(["bnn", *TINY, "--hidden", "8", "--max-train", "128", "--device-steps", "2",
+                     "--method", "standard", "--optimizer", "bop", "--export", str(export),
+                     "--out", str(tmp_path / "out")])
+    assert code == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["training"]["optimizer"] == "bop" and summary["model"]["method"] == "standard"
+    assert summary["device"]["adam_moments"] == "fresh"  # Bop's state has no Adam moments to carry over
+    assert list(summary["memory"]["bits"]) == ["standard"] and summary["memory"]["ratio"] == 1.0
+    assert (export / "model_lce.tflite").is_file() and (export / "model_train.tflite").is_file()
+    assert not (tmp_path / "out" / "export").exists()
+    assert f"test accuracy {summary['accuracy']['test']:.3f}" in printed
+    assert f"{summary['memory']['mib']['standard']['peak']:.3f}" in printed and "1.00x" in printed
+    assert summary["edge_commands"]["train"] in printed
+    assert " ".join(f"{v:.4f}" for v in summary["device"]["losses"]) in printed
+
+
+def test_training_export_failure_is_reported(tmp_path, monkeypatch):
+    def fail(module):
+        raise ValueError("the training model needs non-builtin ops ['MaxPoolGrad']")
+
+    monkeypatch.setattr(export_training, "to_tflite", fail)
+    code = cli.main(["bnn", *TINY, "--hidden", "8", "--max-train", "128", "--out", str(tmp_path)])
+    assert code == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert "MaxPoolGrad" in summary["device"]["error"] and summary["device"]["file"] is None
+    assert summary["edge_commands"] is None and summary["files"]["training_model"] is None
+    assert summary["accuracy"]["device_test_after_steps"] is None
+    assert (tmp_path / "export" / "model_lce.tflite").is_file()
+    assert not (tmp_path / "export" / "model_train.tflite").exists()
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--model", "cnv"], "32x32"),
+    (["--model", "resnet_e18"], "32x32"),
+    (["--model", "binarynet", "--hidden", "8"], "--hidden"),
+    (["--batch-size", "500"], "--batch-size"),
+    (["--method", "nope"], "--method"),
+    (["--optimizer", "sgd"], "--optimizer"),
+    (["--device-steps", "0"], "--device-steps"),
+    (["--dataset", "not_a_dataset_xyz"], "not_a_dataset_xyz"),
+])
+def test_bad_arguments_exit_2_with_one_line(extra, fragment, capsys, tmp_path):
+    out = tmp_path / "out"
+    assert cli.main(["bnn", "--max-train", "256", "--quiet", *extra, "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    message = captured.err.strip()
+    assert fragment in message and "error" in message
+    assert len(message.splitlines()) == 1, message
+    assert "Traceback" not in captured.err + captured.out
+    assert not out.exists()
+
+
+def test_bnn_help(capsys):
+    assert cli.main(["bnn", "--help"]) == 0
+    text = capsys.readouterr().out
+    for option in ("--method", "--optimizer", "--export", "--device-steps", "low_memory_po2", "resnet_e18"):
+        assert option in text
+    assert "--label-noise" not in text
+
+
+def test_demo_bnn_section(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "_DEMO_BNN", dict(cli._DEMO_BNN, hidden=(16,), max_train=256, batch_size=64))
+    assert cli.main(["demo", "--only", "bnn", "--out", str(tmp_path), "--quiet"]) == 0
+    summary = json.loads((tmp_path / "bnn" / "summary.json").read_text())
+    assert summary["model"]["method"] == "low_memory" and summary["training"]["epochs"] == 1
+    assert summary["device"]["steps"] == 3 and (tmp_path / "bnn" / "export" / "model_train.tflite").is_file()
+    printed = capsys.readouterr().out
+    assert "bnn" in printed and "device loss" in printed and "demo finished" in printed
