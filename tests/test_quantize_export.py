@@ -103,14 +103,9 @@ def _is_po2(scales):
 
 
 def _output_step(tflite_model):
-    """Scale of the int8 tensor that the output DEQUANTIZE reads."""
-    interp = q_export._interpreter(tflite_model)
-    details = {d["index"]: d for d in interp.get_tensor_details()}
-    out_index = interp.get_output_details()[0]["index"]
-    for op in interp._get_ops_details():
-        if op["op_name"] == "DEQUANTIZE" and int(op["outputs"][0]) == out_index:
-            return float(details[int(op["inputs"][0])]["quantization_parameters"]["scales"][0])
-    raise AssertionError("no output DEQUANTIZE")
+    step = q_export.tflite_output_step(tflite_model)
+    assert step is not None, "no output DEQUANTIZE"
+    return step
 
 
 # (method, weight bits, quantizer options): each pipeline is built, trained and
