@@ -287,6 +287,8 @@ def test_standard_and_low_memory_models_share_layer_names(dense_as_conv):
 
 def test_conv_models_build():
     assert bm.cnv(method="low_memory").output_shape == (None, 10)
+    with pytest.raises(ValueError, match="at least 32x32"):   # 28 would leave conv_6 a 2x2 input
+        bm.cnv((31, 31, 3))
     small = bm.resnet_e18((32, 32, 3), 10, method="low_memory", width=8)
     assert small.output_shape == (None, 10)
     assert sum(isinstance(l, bl.BinaryConv2D) for l in small.layers) == 16

@@ -8,6 +8,9 @@
   float inputs and rounds gradients as the layer's ``method`` says.
 * :class:`L1BatchNormalization` -- batch norm by mean absolute deviation, beta only,
   whose backward needs only ``sign(x_hat)``.
+* :class:`LowMemoryMaxPooling2D` -- Keras ``MaxPooling2D`` (square, stride = pool size)
+  whose backward keeps the argmax index and is built from TFLite builtins
+  (:func:`~keras_coherence.binary.ops.max_pool2d`) instead of autodiff's ``MaxPoolGrad``.
 
 ``method`` is ``"low_memory"`` (default), ``"low_memory_po2"``, a
 :class:`~keras_coherence.binary.config.LowMemoryConfig` or its dict, or ``"standard"``
@@ -29,8 +32,8 @@ from keras_coherence._keras import keras, tf
 from keras_coherence.binary import ops
 from keras_coherence.binary.config import resolve_method
 
-__all__ = ["BinaryDense", "BinaryConv2D", "L1BatchNormalization", "bnn_initializer",
-           "LOW_MEMORY_LAYERS"]
+__all__ = ["BinaryDense", "BinaryConv2D", "L1BatchNormalization", "LowMemoryMaxPooling2D",
+           "bnn_initializer", "LOW_MEMORY_LAYERS"]
 
 
 def bnn_initializer():
@@ -241,6 +244,40 @@ class L1BatchNormalization(keras.layers.Layer):
         config.update(momentum=self.momentum, epsilon=self.epsilon,
                       method=_config_dict(self.config) or "standard")
         return config
+
+
+@keras.utils.register_keras_serializable(package="keras_coherence")
+class LowMemoryMaxPooling2D(keras.layers.MaxPooling2D):
+    """``keras.layers.MaxPooling2D`` with the hand-written backward of
+    :func:`~keras_coherence.binary.ops.max_pool2d`: it keeps one ``uint8`` argmax index
+    per output and routes the gradient to the first maximum of each window (row-major),
+    the element TF's ``MaxPoolGrad`` picks on ties, with ops that have TFLite builtins.
+
+    Same arguments and config as ``MaxPooling2D``; only square pools with
+    ``strides == pool_size`` (the default), ``channels_last`` and static spatial shapes.
+
+    >>> LowMemoryMaxPooling2D(2)(tf.ones((1, 5, 4, 3))).shape
+    TensorShape([1, 2, 2, 3])
+    >>> LowMemoryMaxPooling2D(3, strides=2)
+    Traceback (most recent call last):
+    ...
+    ValueError: LowMemoryMaxPooling2D needs a square pool with strides equal to pool_size (non-overlapping windows); got pool_size=(3, 3), strides=(2, 2).
+    """
+
+    def __init__(self, pool_size=(2, 2), strides=None, padding="valid", data_format=None,
+                 **kwargs):
+        super().__init__(pool_size, strides, padding, data_format, **kwargs)
+        if self.pool_size[0] != self.pool_size[1] or tuple(self.strides) != tuple(self.pool_size):
+            raise ValueError(
+                f"{type(self).__name__} needs a square pool with strides equal to pool_size "
+                f"(non-overlapping windows); got pool_size={tuple(self.pool_size)}, "
+                f"strides={tuple(self.strides)}.")
+        if self.data_format != "channels_last":
+            raise ValueError(f"{type(self).__name__} supports channels_last only; got "
+                             f"data_format={self.data_format!r}.")
+
+    def call(self, inputs):
+        return ops.max_pool2d(inputs, self.pool_size[0], self.padding)
 
 
 #: The layer classes whose memory the low-memory rules of ``memory.py`` describe.

@@ -11,9 +11,11 @@ so weights can be matched by name.
 Each binary layer is followed by batch norm (l1 batch norm when the config says so);
 the next binary layer binarizes its input, so the batch-norm output of the last layer
 is the logits (no softmax: compile with ``from_logits=True``). The first layer keeps its
-real input. ``dense_as_conv=True`` writes every binary dense layer as a 1x1 binary
-convolution on ``(1, 1, C)`` tensors, the form the Larq Compute Engine turns into
-``LceBconv2d``.
+real input. Low-memory CNV / BinaryNet pool with
+:class:`~keras_coherence.binary.layers.LowMemoryMaxPooling2D` (a builtin-only backward),
+standard ones with Keras ``MaxPooling2D``. ``dense_as_conv=True`` writes every binary
+dense layer as a 1x1 binary convolution on ``(1, 1, C)`` tensors, the form the Larq
+Compute Engine turns into ``LceBconv2d``.
 
 * :func:`mlp` -- 784-256-256-256-256-10 (MNIST).
 * :func:`cnv` -- FINN's CNV (CIFAR-10 / SVHN, 32x32x3).
@@ -93,6 +95,11 @@ class _Blocks:
     def unflatten(self, x, name="logits_flat"):
         return keras.layers.Flatten(name=name)(x) if self.dense_as_conv else x
 
+    def max_pool(self, x, name):
+        """2x2 max pool; low-memory models use the one with a builtin-only backward."""
+        layer = keras.layers.MaxPooling2D if self.standard else bl.LowMemoryMaxPooling2D
+        return layer(2, name=name)(x)
+
     def batch_norm(self, x, name, binary=True):
         """Batch norm after a layer; l1 batch norm after binary layers when configured."""
         if binary and not self.standard and self.config.l1_batchnorm:
@@ -148,7 +155,7 @@ def mlp(input_shape: Sequence[int] = (28, 28, 1), num_classes: int = 10,
 def _conv_bn(b, h, filters, index, padding, first_layer=False, pool_before_bn=False):
     h = b.conv(h, filters, 3, f"conv_{index}", padding=padding, first_layer=first_layer)
     if pool_before_bn:
-        h = keras.layers.MaxPooling2D(2, name=f"pool_{index}")(h)
+        h = b.max_pool(h, f"pool_{index}")
     return b.batch_norm(h, f"bn_conv_{index}")
 
 
@@ -168,7 +175,7 @@ def _vgg_like(builder, input_shape, num_classes, method, filters, fc, dense_as_c
         h = _conv_bn(b, h, f, i, padding, first_layer=(i == 1),
                      pool_before_bn=pooled and pool_before_bn)
         if pooled and not pool_before_bn:
-            h = keras.layers.MaxPooling2D(2, name=f"pool_{i}")(h)
+            h = b.max_pool(h, f"pool_{i}")
     outputs = _dense_head(b, h, _check_widths("fc", fc), num_classes, first_index=7)
     return keras.Model(inputs, outputs, name=name)
 
@@ -180,7 +187,7 @@ def cnv(input_shape: Sequence[int] = (32, 32, 3), num_classes: int = 10, method=
     512, logits. Pooling follows the second batch norm of each pair (it commutes with the
     next layer's input binarization)."""
     return _vgg_like("cnv", input_shape, num_classes, method, filters, fc, dense_as_conv,
-                     name, "valid", 28, pool_before_bn=False)
+                     name, "valid", 32, pool_before_bn=False)  # 32 -> 5x5 after pool_4 -> 1x1
 
 
 def binarynet(input_shape: Sequence[int] = (32, 32, 3), num_classes: int = 10,

@@ -4,7 +4,8 @@ Every backward pass here is an explicit ``tf.custom_gradient`` built only from o
 the TFLite converter lowers to builtins (``MATMUL``/``FULLY_CONNECTED``, ``CONV_2D``,
 ``TRANSPOSE_CONV``, ``TRANSPOSE``, ``PAD``, ``SLICE``, ``REVERSE_V2``, ``SIGN``-free
 ``SELECT_V2``, ``CAST``, ``ABS``, ``MEAN``/``SUM``, ``MUL``/``ADD``/``DIV``,
-``LOG``/``POW``/``ROUND``, comparisons): no ``tf.py_function`` and nothing that needs
+``LOG``/``POW``/``ROUND``, comparisons, ``SPACE_TO_DEPTH``/``DEPTH_TO_SPACE``,
+``REDUCE_MIN``): no ``tf.py_function`` and nothing that needs
 the Flex delegate (autodiff's ``Conv2DBackpropFilter``, ``ReluGrad`` and friends).
 The same code can therefore be traced into a TFLite *training* signature that runs in
 the plain LiteRT interpreter.
@@ -29,7 +30,7 @@ from keras_coherence.binary.config import LowMemoryConfig
 
 __all__ = ["binary_sign", "po2_round", "round_gradient", "round_latent", "latent_weight",
            "binary_matmul", "binary_conv2d", "l1_normalize", "conv_input_grad",
-           "conv_filter_grad", "same_padding"]
+           "conv_filter_grad", "same_padding", "max_pool2d"]
 
 _LN2 = math.log(2.0)
 
@@ -299,3 +300,84 @@ def l1_normalize(x, mean, sigma, config: LowMemoryConfig):
         return x_hat, grad
 
     return _op(x, mean, sigma)
+
+
+# --------------------------------------------------------------------------------------
+# Max pooling (square, non-overlapping windows)
+# --------------------------------------------------------------------------------------
+
+
+def _pad_or_crop(t, edges, value):
+    """Pads (positive) or crops (negative) the H and W axes of NHWC ``t`` by
+    ``edges = ((top, bottom), (left, right))``, padding with ``value``."""
+    crop = [(max(-a, 0), max(-b, 0)) for a, b in edges]
+    if any(a or b for a, b in crop):
+        t = t[:, crop[0][0]:-crop[0][1] or None, crop[1][0]:-crop[1][1] or None, :]
+    pad = [[0, 0]] + [[max(a, 0), max(b, 0)] for a, b in edges] + [[0, 0]]
+    if any(a or b for a, b in pad):
+        t = tf.pad(t, pad, constant_values=value)
+    return t
+
+
+def max_pool2d(x, pool_size: int, padding: str = "VALID"):
+    """``tf.nn.max_pool2d(x, pool_size, pool_size, padding)`` (NHWC) whose backward keeps
+    only the argmax index of each window (``uint8``) instead of ``x``.
+
+    Windows are ``pool_size x pool_size`` with stride ``pool_size`` (no overlap). The
+    forward is TF's ``MaxPool`` (``MAX_POOL_2D``). For the backward, ``SPACE_TO_DEPTH``
+    lays each window out along the channel axis, the index of the *first* element equal
+    to the window's maximum (row-major window order) is kept, and the gradient goes to
+    that element only, laid back out with ``DEPTH_TO_SPACE`` -- on ties this is the
+    element that TF's ``MaxPoolGrad`` picks, without that op (which has no TFLite
+    builtin). ``"VALID"`` drops the bottom/right rows and columns that fill no window
+    (they get zero gradient); ``"SAME"`` pads them to whole windows as TF does, with the
+    dtype's lowest value.
+
+    >>> x = tf.constant([[1.0, 3.0], [3.0, 2.0]])[None, :, :, None]
+    >>> with tf.GradientTape() as tape:
+    ...     tape.watch(x)
+    ...     y = max_pool2d(x, 2)
+    >>> y.numpy().ravel().tolist(), tape.gradient(y, x).numpy().ravel().tolist()
+    ([3.0], [0.0, 1.0, 0.0, 0.0])
+    """
+    k = int(pool_size)
+    if not 2 <= k <= 15:
+        raise ValueError(f"pool_size={pool_size!r} must be in [2, 15] (the index, up to k*k, is a uint8).")
+    padding = padding.upper()
+    if padding not in ("VALID", "SAME"):
+        raise ValueError(f"padding={padding!r} must be 'valid' or 'same'.")
+    x = tf.convert_to_tensor(x)
+    if x.shape.rank != 4 or x.shape[1] is None or x.shape[2] is None or x.shape[3] is None:
+        raise ValueError(f"max_pool2d needs NHWC inputs with static H, W, C; got shape {x.shape}.")
+    size = (int(x.shape[1]), int(x.shape[2]))
+    if padding == "VALID":
+        if min(size) < k:
+            raise ValueError(f"a {k}x{k} 'valid' pool needs inputs of at least {k}x{k}; got {size}.")
+        edges = [(0, (s // k) * k - s) for s in size]   # crop what fills no window
+    else:
+        edges = [same_padding(s, k, k) for s in size]
+    channels = int(x.shape[3])
+    window_index = tf.constant(list(range(k * k)), tf.int32, shape=(1, k * k, 1))
+
+    @tf.custom_gradient
+    def _op(x):
+        y = tf.nn.max_pool2d(x, k, k, padding)
+        # [B*Ho*Wo, k*k, C]: one row per window, its elements in row-major order
+        xw = _pad_or_crop(x, edges, x.dtype.min)
+        windows = tf.reshape(tf.nn.space_to_depth(xw, k), [-1, k * k, channels])
+        is_max = tf.equal(windows, tf.reshape(y, [-1, 1, channels]))
+        first = tf.reduce_min(tf.where(is_max, window_index, k * k), axis=1)
+        argmax = tf.cast(first, tf.uint8)           # what the backward keeps
+
+        def grad(dy):
+            # compared as int32: LiteRT's EQUAL aborts on uint8 operands
+            hit = tf.equal(tf.cast(tf.reshape(argmax, [-1, 1, channels]), tf.int32),
+                           window_index)
+            dw = tf.where(hit, tf.reshape(dy, [-1, 1, channels]), tf.zeros([], dy.dtype))
+            out_shape = tf.concat([tf.shape(dy)[:3], [k * k * channels]], 0)
+            dx = tf.nn.depth_to_space(tf.reshape(dw, out_shape), k)
+            return _pad_or_crop(dx, [(-a, -b) for a, b in edges], 0.0)
+
+        return y, grad
+
+    return _op(x)
