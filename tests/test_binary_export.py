@@ -121,11 +121,10 @@ def test_training_model_is_builtin_only(exported):
     assert sorted(signatures["get_weights"]["outputs"]) == sorted(module.state_names)
 
 
-def test_litert_losses_follow_keras(exported):
-    method, _, initial, flatbuffer = exported
-    x, y = _task()
-    reference = _bnn(method, seed=1)
-    reference.set_weights(initial)
+def _litert_follows_keras(reference, flatbuffer, x, y):
+    """Trains ``reference`` (Keras ``train_on_batch``, Adam) and the file's ``train``
+    signature on the same ``BATCH``-sized batches; asserts the losses agree and returns
+    ``(interpreter, LiteRT losses)``."""
     reference.compile(keras.optimizers.Adam(LR), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     keras_losses = [float(reference.train_on_batch(x[i:i + BATCH], y[i:i + BATCH]))
                     for i in range(0, len(x), BATCH)]
@@ -133,6 +132,15 @@ def test_litert_losses_follow_keras(exported):
     train = interp.get_signature_runner("train")
     lite_losses = [float(train(x=x[i:i + BATCH], y=y[i:i + BATCH])["loss"]) for i in range(0, len(x), BATCH)]
     np.testing.assert_allclose(lite_losses, keras_losses, rtol=1e-3, atol=1e-4)
+    return interp, lite_losses
+
+
+def test_litert_losses_follow_keras(exported):
+    method, _, initial, flatbuffer = exported
+    x, y = _task()
+    reference = _bnn(method, seed=1)
+    reference.set_weights(initial)
+    interp, lite_losses = _litert_follows_keras(reference, flatbuffer, x, y)
     assert np.mean(lite_losses[-4:]) < np.mean(lite_losses[:4])
     lite_weights = interp.get_signature_runner("get_weights")()
     for name, var in export_training.keras_state(reference).items():
@@ -197,6 +205,41 @@ def test_conv_backward_needs_a_fixed_batch():
     train = _litert(flatbuffer).get_signature_runner("train")
     lite_losses = [float(train(x=x[i:i + BATCH], y=y[i:i + BATCH])["loss"]) for i in range(0, len(x), BATCH)]
     np.testing.assert_allclose(lite_losses, tf_losses, rtol=1e-4, atol=1e-5)
+
+
+def _tiny_cnv(seed=0):
+    """CNV-like and small (the full builder's 16 layers take 15 s to convert): a valid
+    conv, l1 BN, then a 2x2 pool (CNV's order); a same conv, a 'same' pool on its 5x5
+    output, then l1 BN (BinaryNet's order); binary dense logits."""
+    from keras_coherence.binary import layers as bl
+
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([
+        keras.Input((12, 12, 1)),
+        bl.BinaryConv2D(4, 3, first_layer=True, name="conv_1"), bl.L1BatchNormalization(name="bn_1"),
+        bl.LowMemoryMaxPooling2D(2, name="pool_1"),
+        bl.BinaryConv2D(4, 3, padding="same", name="conv_2"),
+        bl.LowMemoryMaxPooling2D(2, padding="same", name="pool_2"), bl.L1BatchNormalization(name="bn_2"),
+        keras.layers.Flatten(name="flatten"), bl.BinaryDense(4, name="logits"),
+        bl.L1BatchNormalization(name="logits_bn")])
+
+
+def test_low_memory_cnv_with_max_pool_trains_in_litert():
+    """The hand-written max-pool backward replaces MaxPoolGrad: builtin ops only, and
+    LiteRT follows Keras over a few fixed-size batches."""
+    model = _tiny_cnv()
+    initial = [w.copy() for w in model.get_weights()]
+    flatbuffer = export_training.to_tflite(export_training.TrainingModule(model, learning_rate=LR,
+                                                                          batch_size=BATCH))
+    ops = set(export_lce.tflite_ops(flatbuffer))
+    assert export_lce.non_builtin_ops(flatbuffer) == []
+    assert {"MAX_POOL_2D", "SPACE_TO_DEPTH", "DEPTH_TO_SPACE"} <= ops
+    features = int(np.prod(model.input_shape[1:]))
+    x, y = _task(4 * BATCH, dim=features)
+    reference = _tiny_cnv(seed=1)
+    reference.set_weights(initial)
+    _, lite_losses = _litert_follows_keras(reference, flatbuffer, x.reshape((-1,) + model.input_shape[1:]), y)
+    assert np.all(np.isfinite(lite_losses))
 
 
 def test_documented_commands_end_to_end(tmp_path, capsys):
