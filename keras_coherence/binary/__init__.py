@@ -3,10 +3,13 @@
 * :mod:`~keras_coherence.binary.config` -- :class:`LowMemoryConfig`, ``resolve_method``.
 * :mod:`~keras_coherence.binary.ops` -- hand-written, TFLite-builtin-only backward passes.
 * :mod:`~keras_coherence.binary.layers` -- ``BinaryDense``, ``BinaryConv2D``,
-  ``L1BatchNormalization``.
+  ``L1BatchNormalization``, ``LowMemoryMaxPooling2D``.
 * :mod:`~keras_coherence.binary.models` -- MLP, CNV, BinaryNet, ResNetE-18 builders.
 * :mod:`~keras_coherence.binary.memory` -- ``memory_profile``: training memory in bits.
 * :mod:`~keras_coherence.binary.training` -- ``train_bnn``: one call for a CLI.
+* :mod:`~keras_coherence.binary.export_lce` -- LCE inference export (``to_lce``, ``compare``).
+* :mod:`~keras_coherence.binary.export_training` -- builtin-only on-device training model
+  (``TrainingModule``, ``to_tflite``).
 
 Names are imported lazily (larq is only imported when a standard model is built).
 """
@@ -16,11 +19,16 @@ _EXPORTS = {
     "LowMemoryConfig": "config", "resolve_method": "config", "method_name": "config",
     "METHODS": "config",
     "BinaryDense": "layers", "BinaryConv2D": "layers", "L1BatchNormalization": "layers",
+    "LowMemoryMaxPooling2D": "layers",
     "build_model": "models", "MODEL_NAMES": "models",
     "memory_profile": "memory", "MemoryProfile": "memory", "MemoryRow": "memory",
     "train_bnn": "training", "make_optimizer": "training",
+    "to_lce": "export_lce", "larq_inference_model": "export_lce",
+    "TrainingModule": "export_training", "to_tflite": "export_training",
+    "set_keras_weights": "export_training",
 }
-_SUBMODULES = ("config", "ops", "layers", "models", "memory", "training")
+_SUBMODULES = ("config", "ops", "layers", "models", "memory", "training", "export_lce",
+               "export_training")
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)
 
