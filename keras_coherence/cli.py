@@ -275,14 +275,19 @@ def _load_data(args):
     return (x_train, y_train), (x_test, y_test), int(num_classes), tuple(x_train.shape[1:])
 
 
+def _hidden_kwargs(args):
+    """``{"hidden": ...}`` for an MLP when ``--hidden`` is given; refused for other models."""
+    if args.hidden is None:
+        return {}
+    if args.model != "mlp":
+        raise UsageError("--hidden only applies to --model mlp.")
+    return {"hidden": args.hidden}
+
+
 def _build(args, input_shape, num_classes):
     from keras_coherence import models
 
-    kwargs = {}
-    if args.hidden is not None:
-        if args.model != "mlp":
-            raise UsageError("--hidden only applies to --model mlp.")
-        kwargs["hidden"] = args.hidden
+    kwargs = _hidden_kwargs(args)
     try:
         return models.build_model(args.model, input_shape, num_classes, **kwargs)
     except ValueError as err:
@@ -305,8 +310,8 @@ def run_coherence(args: argparse.Namespace, out_dir: str, log: Callable[[str], N
     ``args`` holds the ``coherence`` subcommand's options (``TRAINING_ARGS`` and
     ``COHERENCE_ARGS``). Raises :class:`UsageError` for a bad dataset or model.
     """
-    from keras_coherence import __version__, data
-    from keras_coherence._keras import keras, tf
+    from keras_coherence import data
+    from keras_coherence._keras import keras
     from keras_coherence.callbacks import CoherenceMonitor
     from keras_coherence.plots import plot_coherence
 
@@ -391,12 +396,8 @@ def run_coherence(args: argparse.Namespace, out_dir: str, log: Callable[[str], N
         "wall_seconds": {"total": time.perf_counter() - start, "training": train_seconds},
         "files": {"csv": "coherence.csv", "plot": os.path.basename(png_path),
                   "summary": "summary.json"},
-        "versions": {"keras_coherence": __version__, "tensorflow": tf.__version__,
-                     "python": platform.python_version()},
     }
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-        f.write("\n")
+    _write_summary(out_dir, summary)
 
     mc = summary["m_coherence"]
     accs = f"train accuracy {train_acc:.3f}" + (
@@ -480,8 +481,8 @@ def run_aggregate(args: argparse.Namespace, out_dir: str, log: Callable[[str], N
     ``args`` holds the ``aggregate`` subcommand's options (``TRAINING_ARGS`` and
     ``AGGREGATE_ARGS``). Raises :class:`UsageError` for a bad aggregator, dataset or model.
     """
-    from keras_coherence import __version__, experiments
-    from keras_coherence._keras import keras, tf
+    from keras_coherence import experiments
+    from keras_coherence._keras import keras
 
     start = time.perf_counter()
     _parse_aggregator(args.aggregator, args.batch_size)  # fail before loading any data
@@ -558,17 +559,13 @@ def run_aggregate(args: argparse.Namespace, out_dir: str, log: Callable[[str], N
         "m_coherence": None,
         "wall_seconds": {"total": time.perf_counter() - start, "training": train_seconds},
         "files": {"csv": "aggregate.csv", "plot": os.path.basename(png_path), "summary": "summary.json"},
-        "versions": {"keras_coherence": __version__, "tensorflow": tf.__version__,
-                     "python": platform.python_version()},
     }
     if args.report_coherence:
         values = [r["m_coherence"] for r in trained]
         summary["m_coherence"] = {"first_epoch": float(values[0]), "last_epoch": float(values[-1]),
                                   "peak": float(max(values)),
                                   "peak_epoch": int(trained[int(np.argmax(values))]["epoch"])}
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-        f.write("\n")
+    _write_summary(out_dir, summary)
 
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     parts = [f"pristine {fmt(final['pristine'])}"]
@@ -669,8 +666,8 @@ def run_quantize(args: argparse.Namespace, out_dir: str, log: Callable[[str], No
     ``--method tfmot8`` tfmot's default 8-bit scheme replaces the PO2 quantizers (no
     monitor, no CSV or plot). Raises :class:`UsageError` for bad options.
     """
-    from keras_coherence import __version__, models
-    from keras_coherence._keras import keras, tf
+    from keras_coherence import models
+    from keras_coherence._keras import keras
 
     start = time.perf_counter()
     tfmot8 = args.method == "tfmot8"
@@ -751,12 +748,8 @@ def run_quantize(args: argparse.Namespace, out_dir: str, log: Callable[[str], No
         "wall_seconds": {"total": time.perf_counter() - start, "float_training": float_seconds,
                          "qat": qat_seconds, "export": export_seconds},
         "files": files,
-        "versions": {"keras_coherence": __version__, "tensorflow": tf.__version__,
-                     "python": platform.python_version()},
     }
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-        f.write("\n")
+    _write_summary(out_dir, summary)
 
     log(f"  test accuracy ({len(x_test)} examples): float {accuracy['float']:.3f}, quantized (Keras) "
         f"{accuracy['quantized_keras']:.3f}, TFLite {accuracy['tflite']:.3f} "
@@ -857,11 +850,7 @@ def _bnn_model_kwargs(args, input_shape, num_classes):
     not fit the data fails before training."""
     from keras_coherence.binary.models import build_model
 
-    kwargs = {}
-    if args.hidden is not None:
-        if args.model != "mlp":
-            raise UsageError("--hidden only applies to --model mlp.")
-        kwargs["hidden"] = args.hidden
+    kwargs = _hidden_kwargs(args)
     try:
         build_model(args.model, args.method, input_shape=input_shape, num_classes=num_classes, **kwargs)
     except ValueError as err:
@@ -985,8 +974,9 @@ def run_bnn(args: argparse.Namespace, out_dir: str, log: Callable[[str], None] =
 
     The training model of a conv model trains on batches of exactly ``args.batch_size``
     (its convolution backward needs a fixed batch). A model whose training graph does not
-    lower to TFLite builtins (e.g. max pooling's gradient, ``MaxPoolGrad``) gets no
-    training model: ``summary["device"]["error"]`` says why. Raises
+    lower to TFLite builtins (e.g. the standard, autodiff-trained conv models need
+    ``Conv2DBackpropFilter``) gets no training model: ``summary["device"]["error"]``
+    says why. Raises
     :class:`UsageError` for bad options.
     """
     import shlex
@@ -1249,7 +1239,7 @@ def _demo_bnn(out_dir, demo_args):
                      max_train=cfg["max_train"], epochs=cfg["epochs"], batch_size=cfg["batch_size"],
                      device_steps=cfg["device_steps"], seed=demo_args.seed, quiet=True)
     s = run_bnn(args, out_dir, log=lambda line: None if demo_args.quiet else print(line, flush=True))
-    device, losses = s["device"], s["device"].get("losses")
+    losses = s["device"].get("losses")
     trend = (f"device loss {losses[0]:.3f} -> {losses[-1]:.3f} in {len(losses)} steps" if losses
              else "no on-device training model")
     return (f"test accuracy {s['accuracy']['test']:.3f} (LCE {s['accuracy']['lce_test']:.3f}); modelled memory "

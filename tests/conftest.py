@@ -30,3 +30,12 @@ def assert_png(path):
     image = imread(path)
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
     assert float(image.std()) > 0  # not a blank canvas
+
+
+def assert_one_line_usage_error(capsys, fragment):
+    """The command printed a one-line error naming ``fragment`` on stderr, no traceback."""
+    captured = capsys.readouterr()
+    message = captured.err.strip()
+    assert fragment in message and "error" in message
+    assert len(message.splitlines()) == 1, message
+    assert "Traceback" not in captured.err + captured.out

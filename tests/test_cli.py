@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import assert_one_line_usage_error
 from conftest import assert_png as _assert_png
 from conftest import read_csv as _read_csv
 
@@ -96,11 +97,7 @@ def test_bad_arguments_exit_2_with_one_line(argv, fragment, capsys, tmp_path):
     if argv and argv[0] in ("coherence", "demo"):
         argv = argv + ["--out", str(tmp_path / "out")]
     assert cli.main(argv) == 2
-    captured = capsys.readouterr()
-    message = captured.err.strip()
-    assert fragment in message and "error" in message
-    assert len(message.splitlines()) == 1, message
-    assert "Traceback" not in captured.err + captured.out
+    assert_one_line_usage_error(capsys, fragment)
     assert not (tmp_path / "out" / "summary.json").exists()
 
 

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import assert_png, read_csv
+from conftest import assert_png, read_csv, assert_one_line_usage_error
 
 from keras_coherence import cli, data, models
 
@@ -150,11 +150,7 @@ def test_tfmot8_reference_has_float_scales(tmp_path):
 def test_bad_arguments_exit_2_with_one_line(extra, fragment, capsys, tmp_path):
     out = tmp_path / "out"
     assert cli.main(["quantize", "--max-train", "64", "--quiet", *extra, "--out", str(out)]) == 2
-    captured = capsys.readouterr()
-    message = captured.err.strip()
-    assert fragment in message and "error" in message
-    assert len(message.splitlines()) == 1, message
-    assert "Traceback" not in captured.err + captured.out
+    assert_one_line_usage_error(capsys, fragment)
     assert not (out / "summary.json").exists()
 
 
