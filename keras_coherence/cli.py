@@ -1225,7 +1225,7 @@ def _demo_quantization(out_dir, demo_args):
 
 
 #: The binary-network demo's configuration (tests shrink it).
-_DEMO_BNN = {"model": "mlp", "method": "low_memory", "hidden": None, "max_train": 1000, "epochs": 1,
+_DEMO_BNN = {"model": "mlp", "method": "low_memory", "hidden": None, "max_train": 2000, "epochs": 3,
              "batch_size": 100, "device_steps": 3}
 
 

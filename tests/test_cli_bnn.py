@@ -185,7 +185,7 @@ def test_bnn_help(capsys):
 
 
 def test_demo_bnn_section(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "_DEMO_BNN", dict(cli._DEMO_BNN, hidden=(16,), max_train=256, batch_size=64))
+    monkeypatch.setattr(cli, "_DEMO_BNN", dict(cli._DEMO_BNN, hidden=(16,), max_train=256, batch_size=64, epochs=1))
     assert cli.main(["demo", "--only", "bnn", "--out", str(tmp_path), "--quiet"]) == 0
     summary = json.loads((tmp_path / "bnn" / "summary.json").read_text())
     assert summary["model"]["method"] == "low_memory" and summary["training"]["epochs"] == 1
