@@ -9,12 +9,18 @@ fraction of a second, so slow phases of the machine cancel out).
 
 Nothing here imports TensorFlow: a method is any zero-argument callable, and
 :func:`block` waits on what it returns (anything with ``.numpy()`` is fetched).
+:func:`timing_parser`, :func:`parse_timing_args` and :func:`calibrated_rounds` are the
+command line and the timing protocol of the overhead benchmarks (``coherence_overhead.py``,
+``aggregation_overhead.py``); they too run before TensorFlow is imported, so ``--help``
+answers at once.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import gc
 import statistics
+import sys
 import time
 from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
@@ -131,6 +137,16 @@ def summarize(samples: Mapping[str, Sequence[float]],
     return out
 
 
+def ratio_text(s: Summary) -> str:
+    """The median ratio as ``"1.23x"``; ``""`` for a method without a reference."""
+    return "" if s.ratio is None else f"{s.ratio:.2f}x"
+
+
+def ratio_iqr_text(s: Summary) -> str:
+    """The ratio's interquartile range as ``"1.10-1.35"``; ``""`` without a reference."""
+    return "" if s.ratio is None else f"{s.ratio_q25:.2f}-{s.ratio_q75:.2f}"
+
+
 def text_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A fixed-width plain-text table."""
     cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
@@ -161,3 +177,80 @@ class Stopwatch:
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self._t0
         return False
+
+
+# ----------------------------------------------------------------------------- overhead benchmarks
+
+MODELS = ("mlp", "cnn")
+
+
+def log(msg):
+    """Progress on stderr: stdout holds only the report."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def timing_parser(doc: str, rounds: int) -> argparse.ArgumentParser:
+    """The options every overhead benchmark takes; the script adds its own (and
+    ``--seed``, listed last), then calls :func:`parse_timing_args`."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=rounds,
+                   help=f"timed rounds; every method runs once per round (default {rounds})")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--models", default=",".join(MODELS),
+                   help=f"comma-separated subset of {','.join(MODELS)}")
+    p.add_argument("--threads", type=int, default=1,
+                   help="intra-op and inter-op threads (default 1; 0 = TensorFlow's choice)")
+    p.add_argument("--target-ms", type=float, default=40.0,
+                   help="calls per round are chosen so that each method runs about this long "
+                        "per round (at least one call)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls per method")
+    return p
+
+
+def parse_timing_args(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """Parse, turn ``--models`` into a list and reject unknown models and ``--rounds < 1``."""
+    args = p.parse_args(argv)
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    bad = [m for m in args.models if m not in MODELS]
+    if bad:
+        p.error(f"unknown model(s) {bad}; choose from {MODELS}")
+    if args.rounds < 1:
+        p.error("--rounds must be >= 1")
+    return args
+
+
+def calibrated_rounds(label: str, methods, args):
+    """Time ``methods``, ``(name, fn, reference)`` triples, as :func:`interleaved` does.
+
+    Each method first runs ``args.warmup`` untimed calls and one timed call, which sets
+    its calls per round so that a round of it lasts about ``args.target_ms``; then
+    ``args.rounds`` interleaved rounds. Returns wall-time samples, CPU-time samples
+    (see :func:`interleaved`) and name -> reference for :func:`summarize`.
+    """
+    timed = []
+    for name, fn, _ in methods:
+        t0 = time.perf_counter()
+        for _ in range(args.warmup):
+            block(fn())
+        first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        block(fn())
+        one = (time.perf_counter() - t0) * 1e3
+        repeat = max(1, round(args.target_ms / max(one, 1e-3)))
+        log(f"[{label}] {name}: warm-up {first:.1f} s, ~{one:.1f} ms/call, {repeat} call(s)/round")
+        timed.append(Method(name, fn, repeat))
+    t0 = time.perf_counter()
+    cpu: Dict[str, List[float]] = {}
+    samples = interleaved(timed, args.rounds, warmup=0, cpu=cpu)
+    log(f"[{label}] {args.rounds} rounds in {time.perf_counter() - t0:.1f} s")
+    return samples, cpu, {name: ref for name, _, ref in methods if ref is not None}
+
+
+def summarize_models(args, run_model):
+    """For each of ``args.models``: ``(name, wall summary, CPU summary)`` of
+    ``run_model(name, args, seed)``, which returns what :func:`calibrated_rounds` does;
+    model ``i`` gets seed ``args.seed + 100 * i``."""
+    for i, name in enumerate(args.models):
+        samples, cpu, refs = run_model(name, args, args.seed + 100 * i)
+        yield name, summarize(samples, refs), summarize(cpu, refs)

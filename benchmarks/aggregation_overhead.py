@@ -31,12 +31,9 @@ the script exits non-zero on a mismatch.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import os
-import platform
 import sys
-import time
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _HERE)
@@ -50,22 +47,10 @@ TARGETS = {"winsorized": {"mlp": 4.0, "cnn": 3.0}, "m3": {"mlp": 1.3, "cnn": 1.3
 RTOL = 1e-4
 ATOL = 1e-5  # times the largest |value| of the variable's reference
 CHECK_BATCH = 16
-MODELS = ("mlp", "cnn")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=30,
-                   help="timed rounds; every method runs once per round (default 30)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--models", default="mlp,cnn", help="comma-separated subset of mlp,cnn")
-    p.add_argument("--threads", type=int, default=1,
-                   help="intra-op and inter-op threads (default 1; 0 = TensorFlow's choice)")
-    p.add_argument("--target-ms", type=float, default=40.0,
-                   help="calls per round are chosen so that each method runs about this long "
-                        "per round (at least one call)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed calls per method")
+    p = _timing.timing_parser(__doc__, rounds=30)
     p.add_argument("--all-c", action="store_true", help="time winsorized c=1 and c=4 too")
     p.add_argument("--methods", default="winsorized,m3,rm3",
                    help="comma-separated subset of winsorized,m3,rm3")
@@ -77,88 +62,31 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--no-check", action="store_true", help="skip the numpy check (not advised)")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
-    bad = [m for m in args.models if m not in MODELS]
-    if bad:
-        p.error(f"unknown model(s) {bad}; choose from {MODELS}")
+    args = _timing.parse_timing_args(p, argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in args.methods if m not in TARGETS]
     if bad:
         p.error(f"unknown method(s) {bad}; choose from {tuple(TARGETS)}")
-    if args.rounds < 1:
-        p.error("--rounds must be >= 1")
     args.cs = [1, 2, 4] if args.all_c else [2]
     return args
 
 
 ARGS = parse_args()
 
-# The thread pools are created by the first op: set them before anything else runs.
-from keras_coherence._keras import keras, tf  # noqa: E402
+import _common  # noqa: E402  (imports TensorFlow; runs no op)
 
-try:
-    tf.config.threading.set_intra_op_parallelism_threads(ARGS.threads)
-    tf.config.threading.set_inter_op_parallelism_threads(ARGS.threads)
-except RuntimeError as err:  # pragma: no cover - only if an import ran an op
-    sys.exit(f"could not set the thread pools ({err}): an op ran before the benchmark set them")
+_common.use_threads(ARGS.threads)  # before anything runs an op
 
 import numpy as np  # noqa: E402
 
+from _common import build, keras, keras_step, loss_obj, random_batch, require_rules, sgd, tf  # noqa: E402
+from _timing import log  # noqa: E402
 from keras_coherence.aggregation import aggregated_train_step, get, with_aggregator  # noqa: E402
-from keras_coherence.coherence.registry import rule_for  # noqa: E402
 
 try:
     from keras_coherence.optimizers import RunningMedian
 except ImportError:  # being written elsewhere; the benchmark runs without it
     RunningMedian = None
-
-
-def log(msg):
-    print(msg, file=sys.stderr, flush=True)
-
-
-# ----------------------------------------------------------------------------- models
-
-def build(name):
-    """The models of coherence_overhead.py."""
-    inputs = keras.Input((28, 28, 1))
-    if name == "mlp":
-        h = keras.layers.Flatten()(inputs)
-        h = keras.layers.Dense(512, activation="relu")(h)
-        h = keras.layers.Dense(512, activation="relu")(h)
-    else:
-        h = keras.layers.Conv2D(32, 3, activation="relu")(inputs)
-        h = keras.layers.MaxPooling2D()(h)
-        h = keras.layers.Conv2D(64, 3, activation="relu")(h)
-        h = keras.layers.MaxPooling2D()(h)
-        h = keras.layers.Flatten()(h)
-        h = keras.layers.Dense(128, activation="relu")(h)
-    outputs = keras.layers.Dense(10)(h)
-    return keras.Model(inputs, outputs, name=name)
-
-
-def loss_obj(**kw):
-    return keras.losses.SparseCategoricalCrossentropy(from_logits=True, **kw)
-
-
-def sgd(lr):
-    return keras.optimizers.SGD(learning_rate=lr)
-
-
-def require_rules(model):
-    """Fail loudly if a layer would take the slow generic fallback."""
-    for layer in model.layers:
-        if layer.trainable_weights:
-            rule, reason = rule_for(layer)
-            if rule is None:
-                raise SystemExit(f"layer {layer.name} has no per-layer rule ({reason})")
-
-
-def keras_step(model, data):
-    fn = model.make_train_function()
-    iterator = iter(data)
-    return lambda: fn(iterator)
 
 
 # ----------------------------------------------------------------------------- check
@@ -203,8 +131,7 @@ def check(name, specs, seed, lr, dynamic):
     """
     keras.utils.set_random_seed(seed)
     base = build(name)
-    x = tf.random.uniform((CHECK_BATCH, 28, 28, 1), seed=seed)
-    y = tf.random.uniform((CHECK_BATCH,), maxval=10, dtype=tf.int32, seed=seed + 1)
+    x, y = random_batch(CHECK_BATCH, seed)
     g = loop_per_example_grads(base, x, y)  # of the mean loss: their sum is the gradient
     failed = False
     for spec in specs:
@@ -258,8 +185,7 @@ def run_model(name, args, seed):
 
     keras.utils.set_random_seed(seed)
     b = args.batch_size
-    x = tf.random.uniform((b, 28, 28, 1), seed=seed)
-    y = tf.random.uniform((b,), maxval=10, dtype=tf.int32, seed=seed + 1)
+    x, y = random_batch(b, seed)
     if args.dynamic_batch:
         data = tf.data.Dataset.from_tensor_slices((x, y)).batch(b).repeat()
     else:
@@ -289,27 +215,7 @@ def run_model(name, args, seed):
             rm_model = keras.Model(model.inputs, model.outputs, name=f"{name}_rm3")
             rm_model.compile(optimizer=RunningMedian(sgd(args.lr), window=3), loss=loss_obj())
             methods.append(("rm3", keras_step(rm_model, data), "keras-plain"))
-    return run_methods(name, methods, args)
-
-
-def run_methods(name, methods, args):
-    timed = []
-    for mname, fn, _ in methods:
-        t0 = time.perf_counter()
-        for _ in range(args.warmup):
-            _timing.block(fn())
-        first = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        _timing.block(fn())
-        one = (time.perf_counter() - t0) * 1e3
-        repeat = max(1, round(args.target_ms / max(one, 1e-3)))
-        log(f"[{name}] {mname}: warm-up {first:.1f} s, ~{one:.1f} ms/call, {repeat} call(s)/round")
-        timed.append(_timing.Method(mname, fn, repeat))
-    t0 = time.perf_counter()
-    cpu = {}
-    samples = _timing.interleaved(timed, args.rounds, warmup=0, cpu=cpu)
-    log(f"[{name}] {args.rounds} rounds in {time.perf_counter() - t0:.1f} s")
-    return samples, cpu, {m: ref for m, _, ref in methods if ref is not None}
+    return _timing.calibrated_rounds(name, methods, args)
 
 
 def target_of(method, model):
@@ -320,27 +226,15 @@ def target_of(method, model):
 
 
 def main(args):
-    t_start = time.perf_counter()
-    load0 = os.getloadavg()
-    print(f"aggregation overhead benchmark: TF {tf.__version__}, tf_keras {keras.__version__}, "
-          f"Python {platform.python_version()}, {os.cpu_count()} CPUs, "
-          f"intra/inter-op threads {tf.config.threading.get_intra_op_parallelism_threads()}/"
-          f"{tf.config.threading.get_inter_op_parallelism_threads()}, batch {args.batch_size}, "
-          f"{args.rounds} rounds, load average {load0[0]:.2f}")
+    start = _common.print_header("aggregation overhead benchmark", args)
     rows, md_rows, verdicts = [], [], []
-    for i, name in enumerate(args.models):
-        samples, cpu, refs = run_model(name, args, args.seed + 100 * i)
-        summary = _timing.summarize(samples, refs)
-        cpu_summary = _timing.summarize(cpu, refs)
+    for name, summary, cpu_summary in _timing.summarize_models(args, run_model):
         for s in summary.values():
-            spread = "" if s.ratio is None else f"{s.ratio_q25:.2f}-{s.ratio_q75:.2f}"
             target = target_of(s.name, name)
-            ratio = "" if s.ratio is None else f"{s.ratio:.2f}x"
             c = cpu_summary[s.name]
-            cpu_ratio = "" if c.ratio is None else f"{c.ratio:.2f}x"
             rows.append([name, s.name, f"{s.median_ms:.2f}", f"{s.q25_ms:.2f}-{s.q75_ms:.2f}",
-                         ratio, spread, f"{c.median_ms:.2f}", cpu_ratio,
-                         "" if target is None else f"<= {target}x"])
+                         _timing.ratio_text(s), _timing.ratio_iqr_text(s), f"{c.median_ms:.2f}",
+                         _timing.ratio_text(c), "" if target is None else f"<= {target}x"])
             md_ratio = "1" if s.ratio is None else f"**{s.ratio:.2f}x**"
             if target is not None:
                 md_ratio += f" (target <= {target}x)"
@@ -350,7 +244,6 @@ def main(args):
                 verdicts.append(f"{name}: {s.name} {s.ratio:.2f}x keras-plain (target <= {target}x): "
                                 f"{'MET' if s.ratio <= target else 'MISSED'}")
 
-    load1 = os.getloadavg()
     print()
     print(_timing.text_table(
         ["model", "method", "median ms/step", "IQR ms", "ratio", "ratio IQR", "cpu ms/step",
@@ -358,8 +251,7 @@ def main(args):
     print()
     for v in verdicts:
         print(v)
-    print(f"\nload average {load0[0]:.2f} at start, {load1[0]:.2f} at end; "
-          f"{time.perf_counter() - t_start:.0f} s in all")
+    _common.print_load(start)
     print("\nMarkdown (docs/benchmarks.md):\n")
     print(f"Batch {args.batch_size} ({'dynamic' if args.dynamic_batch else 'static'} batch shape), random "
           f"28x28x1 inputs, 10 classes, SGD; TF {tf.__version__} on CPU, {args.threads} thread(s); median "

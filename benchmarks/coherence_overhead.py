@@ -26,11 +26,8 @@ coherence step (traced forward, backward to the pre-activations, rules, statisti
 """
 from __future__ import annotations
 
-import argparse
 import os
-import platform
 import sys
-import time
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _HERE)
@@ -40,99 +37,37 @@ import _timing  # noqa: E402
 
 TARGETS = {"mlp": 1.2, "cnn": 1.5}  # keras-coherence / keras-plain
 RTOL = 1e-4
-MODELS = ("mlp", "cnn")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=50,
-                   help="timed rounds; every method runs once per round (default 50)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--models", default="mlp,cnn", help="comma-separated subset of mlp,cnn")
-    p.add_argument("--threads", type=int, default=1,
-                   help="intra-op and inter-op threads (default 1; 0 = TensorFlow's choice)")
-    p.add_argument("--target-ms", type=float, default=40.0,
-                   help="calls per round are chosen so that each method runs about this long "
-                        "per round (at least one call)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed calls per method")
+    p = _timing.timing_parser(__doc__, rounds=50)
     p.add_argument("--no-vmap", action="store_true", help="skip the vectorized_map baseline "
                    "in the timing (it is still used for the correctness check)")
     p.add_argument("--xla", action="store_true", help="also time jit_compile=True variants")
     p.add_argument("--profile", action="store_true",
                    help="also time the components of the coherence step")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
-    bad = [m for m in args.models if m not in MODELS]
-    if bad:
-        p.error(f"unknown model(s) {bad}; choose from {MODELS}")
-    if args.rounds < 1:
-        p.error("--rounds must be >= 1")
-    return args
+    return _timing.parse_timing_args(p, argv)
 
 
 ARGS = parse_args()
 
-# The thread pools are created by the first op: set them before anything else runs.
-from keras_coherence._keras import keras, tf  # noqa: E402
+import _common  # noqa: E402  (imports TensorFlow; runs no op)
 
-try:
-    tf.config.threading.set_intra_op_parallelism_threads(ARGS.threads)
-    tf.config.threading.set_inter_op_parallelism_threads(ARGS.threads)
-except RuntimeError as err:  # pragma: no cover - only if an import ran an op
-    sys.exit(f"could not set the thread pools ({err}): an op ran before the benchmark set them")
+_common.use_threads(ARGS.threads)  # before anything runs an op
 
+from _common import build, keras, keras_step, loss_obj, random_batch, require_rules, sgd, tf  # noqa: E402
+from _timing import log  # noqa: E402
 from keras_coherence.coherence.engine import traced_backward  # noqa: E402
-from keras_coherence.coherence.registry import rule_for  # noqa: E402
 from keras_coherence.coherence.tracing import TracedForward  # noqa: E402
 from keras_coherence.coherence.train_step import coherence_train_step, with_coherence  # noqa: E402
 
 
-def log(msg):
-    print(msg, file=sys.stderr, flush=True)
-
-
 # ----------------------------------------------------------------------------- models
-
-def build(name):
-    inputs = keras.Input((28, 28, 1))
-    if name == "mlp":
-        h = keras.layers.Flatten()(inputs)
-        h = keras.layers.Dense(512, activation="relu")(h)
-        h = keras.layers.Dense(512, activation="relu")(h)
-    else:
-        h = keras.layers.Conv2D(32, 3, activation="relu")(inputs)
-        h = keras.layers.MaxPooling2D()(h)
-        h = keras.layers.Conv2D(64, 3, activation="relu")(h)
-        h = keras.layers.MaxPooling2D()(h)
-        h = keras.layers.Flatten()(h)
-        h = keras.layers.Dense(128, activation="relu")(h)
-    outputs = keras.layers.Dense(10)(h)
-    return keras.Model(inputs, outputs, name=name)
-
-
-def loss_obj(**kw):
-    return keras.losses.SparseCategoricalCrossentropy(from_logits=True, **kw)
-
-
-def sgd():
-    return keras.optimizers.SGD(learning_rate=0.01)
-
 
 def compiled(model, jit_compile=False):
     model.compile(optimizer=sgd(), loss=loss_obj(), jit_compile=jit_compile)
     return model
-
-
-def require_rules(model):
-    """Fail loudly if a layer would take the slow generic fallback: the benchmark would
-    then measure the fallback, not the ghost-norm rules."""
-    for layer in model.layers:
-        if layer.trainable_weights:
-            rule, reason = rule_for(layer)
-            if rule is None:
-                raise SystemExit(f"layer {layer.name} has no coherence rule ({reason})")
 
 
 # ----------------------------------------------------------------------------- steps
@@ -199,12 +134,6 @@ def make_vmap(model, apply=True):
         return m, mean_grads
 
     return step
-
-
-def keras_step(model, data):
-    fn = model.make_train_function()
-    iterator = iter(data)
-    return lambda: fn(iterator)
 
 
 # ----------------------------------------------------------------------------- check
@@ -315,15 +244,9 @@ def profile_methods(model, cmodel, x, y):
 
 # ----------------------------------------------------------------------------- main
 
-def fmt_ratio(s):
-    return "" if s.ratio is None else f"{s.ratio:.2f}x"
-
-
 def run_model(name, args, rng_seed):
     keras.utils.set_random_seed(rng_seed)
-    b = args.batch_size
-    x = tf.random.uniform((b, 28, 28, 1), seed=rng_seed)
-    y = tf.random.uniform((b,), maxval=10, dtype=tf.int32, seed=rng_seed + 1)
+    x, y = random_batch(args.batch_size, rng_seed)
     data = tf.data.Dataset.from_tensors((x, y)).repeat()
 
     model = compiled(build(name))
@@ -350,46 +273,18 @@ def run_model(name, args, rng_seed):
             ("bare-plain-xla", lambda f=make_bare_plain(model, True): f(x, y), "bare-plain"),
             ("bare-coherence-xla", lambda f=make_bare_coherence(cmodel, True): f(x, y), "bare-plain-xla"),
         ]
-    return run_methods(name, methods, args)
-
-
-def run_methods(name, methods, args):
-    timed = []
-    for mname, fn, _ in methods:
-        t0 = time.perf_counter()
-        for _ in range(args.warmup):
-            _timing.block(fn())
-        first = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        _timing.block(fn())
-        one = (time.perf_counter() - t0) * 1e3
-        repeat = max(1, round(args.target_ms / max(one, 1e-3)))
-        log(f"[{name}] {mname}: warm-up {first:.1f} s, ~{one:.1f} ms/call, {repeat} call(s)/round")
-        timed.append(_timing.Method(mname, fn, repeat))
-    t0 = time.perf_counter()
-    samples = _timing.interleaved(timed, args.rounds, warmup=0)
-    log(f"[{name}] {args.rounds} rounds in {time.perf_counter() - t0:.1f} s")
-    return samples, {m: ref for m, _, ref in methods if ref is not None}
+    return _timing.calibrated_rounds(name, methods, args)
 
 
 def main(args):
-    t_start = time.perf_counter()
-    load0 = os.getloadavg()
-    print(f"coherence overhead benchmark: TF {tf.__version__}, tf_keras {keras.__version__}, "
-          f"Python {platform.python_version()}, {os.cpu_count()} CPUs, "
-          f"intra/inter-op threads {tf.config.threading.get_intra_op_parallelism_threads()}/"
-          f"{tf.config.threading.get_inter_op_parallelism_threads()}, batch {args.batch_size}, "
-          f"{args.rounds} rounds, load average {load0[0]:.2f}")
+    start = _common.print_header("coherence overhead benchmark", args)
     rows, md_rows, verdicts = [], [], []
-    for i, name in enumerate(args.models):
-        samples, refs = run_model(name, args, args.seed + 100 * i)
-        summary = _timing.summarize(samples, refs)
+    for name, summary, _ in _timing.summarize_models(args, run_model):
         for s in summary.values():
-            spread = "" if s.ratio is None else f"{s.ratio_q25:.2f}-{s.ratio_q75:.2f}"
             rows.append([name, s.name, f"{s.median_ms:.2f}", f"{s.q25_ms:.2f}-{s.q75_ms:.2f}",
-                         fmt_ratio(s), s.reference or "", spread])
+                         _timing.ratio_text(s), s.reference or "", _timing.ratio_iqr_text(s)])
             md_rows.append([name.upper(), f"`{s.name}`", f"{s.median_ms:.2f}",
-                            fmt_ratio(s) + (f" (vs `{s.reference}`)" if s.reference else "")])
+                            _timing.ratio_text(s) + (f" (vs `{s.reference}`)" if s.reference else "")])
         b = summary["keras-coherence"]
         ok = b.ratio <= TARGETS[name]
         verdicts.append(f"{name}: keras-coherence {b.ratio:.2f}x keras-plain "
@@ -403,23 +298,21 @@ def main(args):
             y = tf.random.uniform((args.batch_size,), maxval=10, dtype=tf.int32)
             comps = profile_methods(model, cmodel, x, y)
             methods = [(c, (lambda f=f: f(x, y)), None) for c, f in comps]
-            psamples, _ = run_methods(f"{name} profile", methods, args)
+            psamples, _, _ = _timing.calibrated_rounds(f"{name} profile", methods, args)
             psum = _timing.summarize(psamples, {c: "plain step (+apply)" for c, _ in comps})
             print(f"\nprofile {name} (bare tf.functions, cumulative stages; ratio to the plain step):")
             print(_timing.text_table(
                 ["component", "median ms", "IQR ms", "x plain step"],
-                [[s.name, f"{s.median_ms:.2f}", f"{s.q25_ms:.2f}-{s.q75_ms:.2f}", fmt_ratio(s)]
+                [[s.name, f"{s.median_ms:.2f}", f"{s.q25_ms:.2f}-{s.q75_ms:.2f}", _timing.ratio_text(s)]
                  for s in psum.values()]))
 
-    load1 = os.getloadavg()
     print()
     print(_timing.text_table(
         ["model", "method", "median ms/step", "IQR ms", "ratio", "to", "ratio IQR"], rows))
     print()
     for v in verdicts:
         print(v)
-    print(f"\nload average {load0[0]:.2f} at start, {load1[0]:.2f} at end; "
-          f"{time.perf_counter() - t_start:.0f} s in all")
+    _common.print_load(start)
     print("\nMarkdown (docs/benchmarks.md):\n")
     print(f"Batch {args.batch_size}, random 28x28x1 inputs, 10 classes, SGD; TF {tf.__version__} on CPU, "
           f"{args.threads} thread(s); median over {args.rounds} interleaved rounds; ratio = median "

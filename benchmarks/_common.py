@@ -1,0 +1,89 @@
+"""The TensorFlow side shared by the overhead benchmarks (``coherence_overhead.py``,
+``aggregation_overhead.py``): thread pools, models, loss, optimizer, Keras's train
+function as a timed method, the random batch and the report's first and last lines.
+
+Importing this module imports TensorFlow but runs no op: a script imports it after
+parsing its arguments and calls :func:`use_threads` before anything else.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+
+from keras_coherence import models
+from keras_coherence._keras import keras, tf
+from keras_coherence.coherence.registry import rule_for
+
+# The models docs/benchmarks.md was measured with, on 28x28x1 inputs and 10 classes:
+# the MLP 784-512-512-10 and Conv(32)-Pool-Conv(64)-Pool-Dense(128)-Dense(10).
+_BUILDERS = {"mlp": models.mlp, "cnn": models.small_cnn}
+
+
+def use_threads(threads):
+    """Set the intra-op and inter-op thread pools (0 = TensorFlow's choice). The pools
+    are created by the first op, so this must come before any op runs."""
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError as err:  # pragma: no cover - only if an import ran an op
+        sys.exit(f"could not set the thread pools ({err}): an op ran before the benchmark set them")
+
+
+def build(name):
+    """A fresh, uncompiled ``"mlp"`` or ``"cnn"`` (logits), named ``name``."""
+    return _BUILDERS[name](name=name)
+
+
+def loss_obj(**kw):
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True, **kw)
+
+
+def sgd(lr=0.01):
+    return keras.optimizers.SGD(learning_rate=lr)
+
+
+def require_rules(model):
+    """Fail loudly if a layer would take the slow generic fallback: the benchmark would
+    then measure the fallback, not the per-layer (ghost-norm) rules."""
+    for layer in model.layers:
+        if layer.trainable_weights:
+            rule, reason = rule_for(layer)
+            if rule is None:
+                raise SystemExit(f"layer {layer.name} has no per-layer rule ({reason})")
+
+
+def keras_step(model, data):
+    """One call of the compiled model's own train function on the next batch of ``data``."""
+    fn = model.make_train_function()
+    iterator = iter(data)
+    return lambda: fn(iterator)
+
+
+def random_batch(size, seed):
+    """MNIST-shaped random inputs in [0, 1) and labels in 0..9 (op seeds ``seed``, ``seed + 1``)."""
+    x = tf.random.uniform((size, 28, 28, 1), seed=seed)
+    y = tf.random.uniform((size,), maxval=10, dtype=tf.int32, seed=seed + 1)
+    return x, y
+
+
+def print_header(title, args):
+    """Print what the timings depend on; returns the start, for :func:`print_load`."""
+    t_start = time.perf_counter()
+    load0 = os.getloadavg()
+    print(f"{title}: TF {tf.__version__}, tf_keras {keras.__version__}, "
+          f"Python {platform.python_version()}, {os.cpu_count()} CPUs, "
+          f"intra/inter-op threads {tf.config.threading.get_intra_op_parallelism_threads()}/"
+          f"{tf.config.threading.get_inter_op_parallelism_threads()}, batch {args.batch_size}, "
+          f"{args.rounds} rounds, load average {load0[0]:.2f}")
+    return t_start, load0
+
+
+def print_load(start):
+    """The load average at the start and now, and the seconds since ``start``: a load
+    well above the thread count means the timings waited for cores."""
+    t_start, load0 = start
+    load1 = os.getloadavg()
+    print(f"\nload average {load0[0]:.2f} at start, {load1[0]:.2f} at end; "
+          f"{time.perf_counter() - t_start:.0f} s in all")
