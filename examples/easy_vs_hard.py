@@ -34,7 +34,6 @@ Writes ``<out>/results.csv`` (one row per seed, train pool and evaluation set),
 ``<out>/summary.json`` and the plot (default ``docs/easy_vs_hard.png``), and prints
 mean ± standard deviation over seeds.
 """
-import argparse
 import json
 import os
 import sys
@@ -47,7 +46,7 @@ import numpy as np  # noqa: E402
 # Run from a checkout without installing the package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from keras_coherence import __version__, data, models  # noqa: E402
+from keras_coherence import __version__  # noqa: E402
 from keras_coherence import experiments as ex  # noqa: E402
 from keras_coherence._keras import keras, tf  # noqa: E402
 
@@ -57,11 +56,7 @@ EVALS = ("easy", "hard", "random", "test")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dataset", default="embedded_mnist",
-                   help="'embedded_mnist' or a tensorflow_datasets name prepared under --data-dir")
-    p.add_argument("--data-dir", default=None)
+    p = ex.example_parser(__doc__)
     p.add_argument("--max-train", type=int, default=0, help="use the first N training examples (0 = all)")
     p.add_argument("--model", default="mlp", choices=("mlp", "cnn"))
     p.add_argument("--hidden", default="256,256,256", help="mlp hidden widths")
@@ -145,15 +140,10 @@ def run_seed(seed, args, x_train, y_train, x_test, y_test, build):
 
 def main(argv=None):
     args = parse_args(argv)
-    (x_train, y_train), (x_test, y_test) = (
-        data.load_dataset(args.dataset, split=s, data_dir=args.data_dir,
-                          max_examples=(args.max_train or None) if s == "train" else None)
-        for s in ("train", "test"))
-    info = data.dataset_info(args.dataset, data_dir=args.data_dir)
-    num_classes = int(info.get("num_classes") or y_train.max() + 1)
+    (x_train, y_train), (x_test, y_test), num_classes = ex.load_train_test(
+        args.dataset, args.data_dir, args.max_train)
     hidden = tuple(int(h) for h in args.hidden.split(",") if h)
-    build = (lambda: models.mlp(x_train.shape[1:], num_classes, hidden=hidden)) if args.model == "mlp" \
-        else (lambda: models.small_cnn(x_train.shape[1:], num_classes))
+    build = ex.model_builder(args.model, x_train.shape[1:], num_classes, hidden)
     print(f"easy vs hard: {args.model} on {args.dataset} ({len(x_train)} training examples); split after "
           f"{args.split_epochs} epoch(s) of SGD lr {args.lr}, batch {args.batch_size}; pools matched "
           f"by {args.match}, {args.holdout:.0%} held out; "

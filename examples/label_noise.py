@@ -40,7 +40,6 @@ machine, 13 of them for WGD c=8. Writes ``<out>/curves.csv`` (one row per arm
 and evaluated epoch), ``<out>/summary.json`` and the plot (default
 ``docs/label_noise.png``), and prints a summary table.
 """
-import argparse
 import json
 import os
 import sys
@@ -51,7 +50,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is impor
 # Run from a checkout without installing the package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from keras_coherence import __version__, data, models  # noqa: E402
+from keras_coherence import __version__, data  # noqa: E402
 from keras_coherence import experiments as ex  # noqa: E402
 from keras_coherence._keras import keras, tf  # noqa: E402
 
@@ -63,11 +62,7 @@ PANELS = [("pristine_accuracy", "pristine training examples"),
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dataset", default="embedded_mnist",
-                   help="'embedded_mnist' or a tensorflow_datasets name prepared under --data-dir")
-    p.add_argument("--data-dir", default=None)
+    p = ex.example_parser(__doc__)
     p.add_argument("--max-train", type=int, default=1000,
                    help="training examples (the first N of the training split; 0 = all)")
     p.add_argument("--noise", type=float, default=0.5, help="fraction of training labels corrupted")
@@ -121,12 +116,8 @@ def main(argv=None):
         arms = [ex.parse_arm(a) for a in args.arms.split(",") if a.strip()]
     except ValueError as err:
         raise SystemExit(f"label_noise.py: error: --arms: {err}") from None
-    (x_train, y_train), (x_test, y_test) = (
-        data.load_dataset(args.dataset, split=s, data_dir=args.data_dir,
-                          max_examples=(args.max_train or None) if s == "train" else None)
-        for s in ("train", "test"))
-    info = data.dataset_info(args.dataset, data_dir=args.data_dir)
-    num_classes = int(info.get("num_classes") or y_train.max() + 1)
+    (x_train, y_train), (x_test, y_test), num_classes = ex.load_train_test(
+        args.dataset, args.data_dir, args.max_train)
     for arm in arms:
         try:
             ex.check_arm(arm, args.batch_size, len(x_train))
@@ -143,8 +134,7 @@ def main(argv=None):
 
     hidden = tuple(int(h) for h in args.hidden.split(",") if h)
     keras.utils.set_random_seed(args.seed)
-    build = (lambda: models.mlp(x_train.shape[1:], num_classes, hidden=hidden)) if args.model == "mlp" \
-        else (lambda: models.small_cnn(x_train.shape[1:], num_classes))
+    build = ex.model_builder(args.model, x_train.shape[1:], num_classes, hidden)
     initial_weights = build().get_weights()  # every arm starts from these
 
     print(f"label noise: {args.model} {hidden if args.model == 'mlp' else ''} on {args.dataset}, "

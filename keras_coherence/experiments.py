@@ -9,6 +9,8 @@
 * :func:`build_arm_model` -- a compiled model that trains with an arm: plain SGD for
   ``sgd``, :func:`~keras_coherence.aggregation.with_aggregator` for winsorized and M3,
   :class:`~keras_coherence.optimizers.RunningMedian` around SGD for RM3 / RA3.
+* :func:`example_parser`, :func:`load_train_test`, :func:`model_builder` -- the
+  command line, data and models the example scripts share.
 * :class:`SubsetAccuracy` -- a callback that records the accuracy on named subsets
   (pristine / corrupt training examples, the test set, ...) at chosen epochs.
 * :func:`accuracy`, :func:`log_spaced_epochs`, :func:`write_csv` / :func:`read_rows`,
@@ -21,21 +23,24 @@
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import dataclasses
 import math
 import os
 import re
 import time
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from keras_coherence import data, models
 from keras_coherence._keras import keras, tf
 
 __all__ = [
-    "Arm", "SubsetAccuracy", "accuracy", "arm_styles", "build_arm_model", "check_arm", "log_spaced_epochs",
-    "parse_arm", "plot_accuracy_panels", "plot_run", "read_rows", "write_csv",
+    "Arm", "SubsetAccuracy", "accuracy", "arm_styles", "build_arm_model", "check_arm", "example_parser",
+    "load_train_test", "log_spaced_epochs", "model_builder", "parse_arm", "plot_accuracy_panels", "plot_run",
+    "read_rows", "write_csv",
 ]
 
 _RUNNING = re.compile(r"^(rm|ra)(\d+)$")
@@ -159,6 +164,43 @@ def build_arm_model(arm, base_model: keras.Model, lr: float,
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=list(metrics))
     return model
+
+
+# --------------------------------------------------------------------------------------
+# The example scripts' command line, data and models
+# --------------------------------------------------------------------------------------
+
+
+def example_parser(doc: str) -> argparse.ArgumentParser:
+    """A parser described by the first paragraph of ``doc``, with ``--dataset`` and
+    ``--data-dir`` (the options of :func:`load_train_test`); the script adds the rest."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataset", default="embedded_mnist",
+                   help="'embedded_mnist' or a tensorflow_datasets name prepared under --data-dir")
+    p.add_argument("--data-dir", default=None)
+    return p
+
+
+def load_train_test(dataset: str, data_dir: Optional[str] = None, max_train: int = 0):
+    """``(x_train, y_train), (x_test, y_test), num_classes``: the first ``max_train``
+    training examples (0 = all) and the whole test split; ``num_classes`` from the
+    dataset's info, else from the training labels."""
+    x_train, y_train = data.load_dataset(dataset, split="train", data_dir=data_dir,
+                                         max_examples=max_train or None)
+    x_test, y_test = data.load_dataset(dataset, split="test", data_dir=data_dir)
+    info = data.dataset_info(dataset, data_dir=data_dir)
+    num_classes = int(info.get("num_classes") or y_train.max() + 1)
+    return (x_train, y_train), (x_test, y_test), num_classes
+
+
+def model_builder(model: str, input_shape: Sequence[int], num_classes: int,
+                  hidden: Sequence[int] = ()) -> Callable[[], keras.Model]:
+    """A function that builds a fresh, uncompiled ``"mlp"`` (hidden widths ``hidden``)
+    or ``"cnn"`` (:func:`keras_coherence.models.small_cnn`) on each call."""
+    if model == "mlp":
+        return lambda: models.mlp(input_shape, num_classes, hidden=tuple(hidden))
+    return lambda: models.small_cnn(input_shape, num_classes)
 
 
 # --------------------------------------------------------------------------------------
