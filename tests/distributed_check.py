@@ -3,34 +3,17 @@ MirroredStrategy over 2 logical CPUs gives the same numbers as one device."""
 import json
 import sys
 
-import numpy as np
+import _distributed_setup as setup  # two logical CPUs: configured before any op runs
 
 import keras_coherence as kc
-from keras_coherence._keras import keras, tf
+from keras_coherence._keras import keras
 
-cpu = tf.config.list_physical_devices("CPU")[0]
-tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-
-
-def build():
-    keras.utils.set_random_seed(0)
-    inp = keras.Input((6,))
-    h = keras.layers.Dense(8, activation="relu")(inp)
-    h = keras.layers.Dense(5, activation="tanh")(h)
-    out = keras.layers.Dense(3)(h)
-    return keras.Model(inp, out)
-
-
-rng = np.random.default_rng(0)
-x = rng.normal(size=(32, 6)).astype("float32")
-y = rng.integers(0, 3, 32)
-loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+x, y = setup.random_data(32)
 results = {}
-for label, strategy in (("one", tf.distribute.get_strategy()),
-                        ("mirrored", tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))):
+for label, strategy in setup.strategies():
     with strategy.scope():
-        model = kc.coherence.with_coherence(build())
-        model.compile(keras.optimizers.SGD(0.1), loss)
+        model = kc.coherence.with_coherence(setup.build((8, "relu"), (5, "tanh")))
+        model.compile(keras.optimizers.SGD(0.1), setup.LOSS)
     monitor = kc.callbacks.CoherenceMonitor(x[:20], y[:20])
     hist = model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0, callbacks=[monitor])
     results[label] = {
