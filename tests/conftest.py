@@ -1,5 +1,6 @@
 """Fixtures and helpers shared by the command-line tests (test_cli*.py)."""
 import csv
+import json
 import os
 
 import pytest
@@ -17,6 +18,14 @@ def read_csv(path):
     """The rows of a CSV file as dicts of strings."""
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def read_run_outputs(out, table):
+    """A command's run directory ``out`` holds ``<table>.csv``, ``<table>.png`` and
+    ``summary.json``; returns the CSV rows and the parsed summary."""
+    for name in (f"{table}.csv", f"{table}.png", "summary.json"):
+        assert (out / name).is_file(), name
+    return read_csv(out / f"{table}.csv"), json.loads((out / "summary.json").read_text())
 
 
 def assert_png(path):

@@ -11,6 +11,7 @@ import pytest
 from conftest import assert_one_line_usage_error
 from conftest import assert_png as _assert_png
 from conftest import read_csv as _read_csv
+from conftest import read_run_outputs
 
 from keras_coherence import cli, models, plots
 
@@ -32,10 +33,7 @@ def tiny_run(tmp_path_factory):
 def test_coherence_writes_consistent_outputs(tiny_run):
     code, out = tiny_run
     assert code == 0
-    for name in ("coherence.csv", "coherence.png", "summary.json"):
-        assert (out / name).is_file(), name
-    rows = _read_csv(out / "coherence.csv")
-    summary = json.loads((out / "summary.json").read_text())
+    rows, summary = read_run_outputs(out, "coherence")
 
     steps_per_epoch = math.ceil(256 / 32)
     assert summary["training"]["steps"] == steps_per_epoch

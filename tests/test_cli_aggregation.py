@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from conftest import assert_png as _assert_png
 from conftest import read_csv as _read_csv
+from conftest import read_run_outputs
 
 from keras_coherence import cli, experiments
 
@@ -27,10 +28,7 @@ def tiny_aggregate(tmp_path_factory):
 def test_aggregate_writes_consistent_outputs(tiny_aggregate):
     code, out = tiny_aggregate
     assert code == 0
-    for name in ("aggregate.csv", "aggregate.png", "summary.json"):
-        assert (out / name).is_file(), name
-    rows = _read_csv(out / "aggregate.csv")
-    summary = json.loads((out / "summary.json").read_text())
+    rows, summary = read_run_outputs(out, "aggregate")
 
     assert summary["command"] == "aggregate"
     assert summary["aggregator"] == {"spec": "winsorized:c=2", "label": "WGD c=2", "kind": "aggregator"}
