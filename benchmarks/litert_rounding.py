@@ -17,7 +17,9 @@ scales and neighbouring activation scales that are nearly equal, ``M`` is close 
 power of two, ``acc * M0`` lands near half-integers and the first rounding goes up
 for about half the accumulators: LiteRT's output is then one step above the
 single-rounded value for a few percent of the elements of every layer, and the
-differences add up through the network.
+differences add up through the network. ``keras_coherence.quantization.litert``
+holds the two functions used here and ``litert_rounding(model)``, which makes the
+Keras model's inference round the same way.
 
     .venv/bin/python benchmarks/litert_rounding.py [--float-epochs 3] [--train 1000]
 """
@@ -34,31 +36,6 @@ if _ROOT not in sys.path:
 import numpy as np  # noqa: E402
 
 
-def quantize_multiplier(m):
-    """TFLite's QuantizeMultiplier: ``m = q31 / 2**31 * 2**shift`` with q31 in [2**30, 2**31)."""
-    q, shift = np.frexp(np.float64(m))
-    q31 = np.int64(np.round(q * (1 << 31)))
-    if q31 == (1 << 31):
-        q31, shift = q31 // 2, shift + 1
-    return q31, int(shift)
-
-
-def requantize_double(acc, m):
-    """TFLite's MultiplyByQuantizedMultiplier on int64 accumulators (gemmlowp rounding)."""
-    q31, shift = quantize_multiplier(m)
-    left, right = max(shift, 0), max(-shift, 0)
-    a = acc.astype(np.int64) * (1 << left)
-    ab = a * q31
-    nudge = np.where(ab >= 0, 1 << 30, 1 - (1 << 30))
-    v = np.trunc((ab + nudge) / float(1 << 31)).astype(np.int64)  # C++ division: toward zero
-    if right == 0:
-        return v
-    mask = (1 << right) - 1
-    remainder = v & mask
-    threshold = (mask >> 1) + (v < 0)
-    return (v >> right) + (remainder > threshold)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--float-epochs", type=int, default=3)
@@ -72,6 +49,7 @@ def main(argv=None):
     from keras_coherence._keras import keras, tf
     from keras_coherence.quantization import quantize_model
     from keras_coherence.quantization.export import to_tflite
+    from keras_coherence.quantization.litert import quantize_multiplier, requantize
 
     (x, y), (xt, _) = data.load_dataset("embedded_mnist")
     x, y, xt = models.pad_images(x[:args.train]), y[:args.train], models.pad_images(xt[:args.batch])
@@ -131,11 +109,11 @@ def main(argv=None):
         hi = min(127, int(z_out[0] + np.round(6.0 / s_out[0]))) if relu else 127
         m = s_in[0] * np.broadcast_to(s_w, (acc.shape[-1],)) / s_out[0]
         exact = np.clip(np.floor(acc * m + 0.5) + z_out[0], act_min, hi)  # half up, as fake-quant
-        double = np.stack([requantize_double(acc[..., c], m[c]) for c in range(acc.shape[-1])], -1)
+        double = requantize(acc, m)
         double = np.clip(double + z_out[0], act_min, hi)
         n, e, d = lite.size, np.sum(lite == exact), np.sum(lite == double)
         totals += (n, e, d)
-        shifts = sorted({quantize_multiplier(v)[1] for v in m})
+        shifts = sorted(set(quantize_multiplier(m)[1].tolist()))
         print(f"{op['op_name']:18s} {layer.name[:18]:18s} {n:8d} {e / n:8.2%} {d / n:9.2%}  {shifts}")
     n, e, d = totals
     print(f"\nall {int(n)} conv outputs: LiteRT equals single rounding for {e / n:.2%}, "

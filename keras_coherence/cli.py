@@ -744,6 +744,8 @@ def run_quantize(args: argparse.Namespace, out_dir: str, log: Callable[[str], No
                      "lr": args.lr, "qat_lr": qat_lr},
         "accuracy": accuracy,
         "tflite": tflite_info,
+        "logit_steps": result["logit_steps"],
+        "litert_rounding": result["litert_rounding"],
         "scales": scales,
         "wall_seconds": {"total": time.perf_counter() - start, "float_training": float_seconds,
                          "qat": qat_seconds, "export": export_seconds},
@@ -754,6 +756,10 @@ def run_quantize(args: argparse.Namespace, out_dir: str, log: Callable[[str], No
     log(f"  test accuracy ({len(x_test)} examples): float {accuracy['float']:.3f}, quantized (Keras) "
         f"{accuracy['quantized_keras']:.3f}, TFLite {accuracy['tflite']:.3f} "
         f"(Keras/TFLite top-1 agreement {accuracy['keras_tflite_agreement']:.3f})")
+    if result["litert_rounding"] is not None:
+        lr = result["litert_rounding"]
+        log(f"  Keras rounding as LiteRT does (litert_rounding, {lr['patched']} kernels): top-1 agreement "
+            f"{lr['agreement']:.3f}, largest logit difference {lr['logit_steps']['max']:.1f} output steps")
     yes = lambda v: "yes" if v else "no"  # noqa: E731
     log(f"  TFLite ({tflite_info['bytes'] / 1024:.0f} kB): {tflite_info['po2_tensors']} of "
         f"{tflite_info['weight_tensors']} weight tensors have exact power-of-two scales (all: "

@@ -21,6 +21,11 @@ Monitoring (``monitor``; imported on first use): ``ScaleMonitor(every_n_steps=1)
 a Keras callback recording every PO2 quantizer's exponents, exponent flips, clip
 fraction and (gradient-weighted) MSQE during ``fit``, into the logs, a per-layer
 ``history``, ``to_csv`` and ``plot``.
+
+``litert_rounding(model)`` (``litert``): a context manager under which the QAT
+model's inference rounds as LiteRT's integer kernels do (two roundings per
+requantization), so Keras predicts the exported file's outputs.
+``qat_evaluate`` (``evaluate``): QAT, export and Keras/TFLite accuracies in one call.
 """
 from keras_coherence.quantization.base import PO2Quantizer
 from keras_coherence.quantization.quantizers import (
@@ -58,6 +63,8 @@ __all__ = [
     "tflite_kernels",
     "run_tflite",
     "ScaleMonitor",
+    "litert_rounding",
+    "qat_evaluate",
 ]
 
 _LAZY = {
@@ -77,6 +84,8 @@ _LAZY = {
     "tflite_kernels": "export",
     "run_tflite": "export",
     "ScaleMonitor": "monitor",
+    "litert_rounding": "litert",
+    "qat_evaluate": "evaluate",
 }
 
 

@@ -75,6 +75,15 @@ def tflite_scale_report(tflite_model) -> Dict[str, Any]:
     }
 
 
+def _logit_steps(keras_logits, lite_logits, step):
+    """``|Keras - LiteRT|`` logits in output int8 steps: the parity beyond top-1."""
+    if not step:
+        return None
+    steps = np.abs(keras_logits - lite_logits) / step
+    return {"max": float(steps.max()), "p99": float(np.percentile(steps, 99)), "mean": float(steps.mean()),
+            "within_1": float(np.mean(steps <= 1.0 + 1e-3))}
+
+
 def _tfmot8(float_model):
     import tensorflow_model_optimization as tfmot
 
@@ -114,7 +123,9 @@ def qat_evaluate(float_model, train, test, method: str = "msqe", bits: int = 4, 
         A dict: ``qmodel``, ``tflite`` (bytes), ``monitor`` (or None), ``accuracy``
         (float, quantized_keras, tflite, keras_tflite_agreement), ``logit_steps``
         (``|Keras - LiteRT|`` logits in output int8 steps: max, p99, mean and the
-        fraction within one step), ``tflite_info``
+        fraction within one step), ``litert_rounding`` (the same comparison with the
+        Keras model rounding as LiteRT does, ``litert.litert_rounding``; None for
+        tfmot8), ``tflite_info``
         (``bytes`` and ``tflite_scale_report``), ``scales`` (flip/clip summary or
         None), ``step_ms`` (median QAT batch time) and ``seconds`` (qat, export).
     """
@@ -156,15 +167,21 @@ def qat_evaluate(float_model, train, test, method: str = "msqe", bits: int = 4, 
     lite_logits = run_tflite(tflite_model, x_test)
     keras_pred, lite_pred = keras_logits.argmax(1), lite_logits.argmax(1)
     step = tflite_output_step(tflite_model)
-    steps = np.abs(keras_logits - lite_logits) / step if step else None
     accuracy = {"float": float(np.mean(float_pred == y_test)),
                 "quantized_keras": float(np.mean(keras_pred == y_test)),
                 "tflite": float(np.mean(lite_pred == y_test)),
                 "keras_tflite_agreement": float(np.mean(keras_pred == lite_pred))}
-    # Keras vs LiteRT logits in output int8 steps: the parity beyond top-1.
-    logit_steps = None if steps is None else {
-        "max": float(steps.max()), "p99": float(np.percentile(steps, 99)), "mean": float(steps.mean()),
-        "within_1": float(np.mean(steps <= 1.0 + 1e-3))}
+    logit_steps = _logit_steps(keras_logits, lite_logits, step)
+    litert = None
+    if not tfmot8:  # the same Keras model, rounding as LiteRT does (litert.py)
+        from keras_coherence.quantization.litert import litert_rounding
+
+        with litert_rounding(qmodel) as report:
+            emulated = qmodel.predict(x_test, batch_size=1024, verbose=0)
+        litert = {"agreement": float(np.mean(emulated.argmax(1) == lite_pred)),
+                  "accuracy": float(np.mean(emulated.argmax(1) == y_test)),
+                  "logit_steps": _logit_steps(emulated, lite_logits, step),
+                  "patched": len(report["patched"]), "skipped": report["skipped"]}
     scales = None
     if monitor is not None and monitor.totals:
         last = monitor.totals[-1]
@@ -183,6 +200,7 @@ def qat_evaluate(float_model, train, test, method: str = "msqe", bits: int = 4, 
         "monitor": monitor,
         "accuracy": accuracy,
         "logit_steps": logit_steps,
+        "litert_rounding": litert,
         "tflite_info": {"bytes": len(tflite_model), **tflite_scale_report(tflite_model)},
         "scales": scales,
         "step_ms": timer.median_ms(),
