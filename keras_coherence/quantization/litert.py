@@ -17,7 +17,9 @@ equal the double rounding).
 kernels whose input comes from an activation quantizer (possibly through padding,
 reshape or dropout) and whose output is quantized by the kernel's own activation
 quantizer or by a single fused ReLU after it; other kernels keep single rounding and
-are listed in the returned ``skipped``.
+are listed in the returned ``skipped``. Two-input ADD layers (residual connections) are
+emulated too: TFLite rescales both inputs to a common scale with a 20-bit left shift
+and requantizes the sum, with double rounding at each step.
 
 ``quantize_multiplier`` and ``requantize`` are the numpy versions (TFLite's
 ``QuantizeMultiplier`` and ``MultiplyByQuantizedMultiplier``).
@@ -97,8 +99,9 @@ class _Requantizer:
     """Stands in for a tfmot activation quantizer: training as before; inference as
     LiteRT requantizes the producing kernel's int32 accumulator."""
 
-    def __init__(self, inner, input_vars, exponent):
+    def __init__(self, inner, input_vars, exponent, relu_max=None):
         self.inner, self.input_vars, self.exponent = inner, input_vars, exponent
+        self.relu_max = relu_max  # a fused ReLU6's cap: TFLite clamps at zp + round(6 / s_out)
 
     def __getattr__(self, name):  # build(), get_config() ... of the wrapped quantizer
         return getattr(self.inner, name)
@@ -113,7 +116,30 @@ class _Requantizer:
         acc = tf.cast(tf.round(tf.cast(inputs, tf.float64) / unit), tf.int64)  # accumulator + int bias
         m = unit / tf.cast(s_out, tf.float64)
         q = tf.clip_by_value(tf.cast(_requantize_tf(acc, m), tf.float32) + zp, 0.0, 255.0)
+        if self.relu_max is not None:
+            ratio = self.relu_max / s_out
+            top = tf.minimum(255.0, zp + tf.sign(ratio) * tf.floor(tf.abs(ratio) + 0.5))
+            # A capped input lost its accumulator; TFLite's clamp gives the cap's code.
+            q = tf.where(inputs >= self.relu_max, top, tf.minimum(q, top))
         return (q - zp) * s_out
+
+
+def _emulated_add(inputs, input_vars, output_vars):
+    """TFLite's int8 ADD of two fake-quantized tensors: each input rescaled to
+    ``2 * max(s1, s2) / 2**20`` units, summed, requantized (three double roundings)."""
+    (s1, _), (s2, _) = (_nudged(v["min_var"], v["max_var"]) for v in input_vars)
+    s_out, zp = _nudged(output_vars["min_var"], output_vars["max_var"])
+    s1, s2, s_o = (tf.cast(v, tf.float64) for v in (s1, s2, s_out))
+    twice_max = 2.0 * tf.maximum(s1, s2)
+    shift = 2 ** 20  # TFLite's left_shift for int8 ADD
+    scaled = [
+        _requantize_tf(tf.cast(tf.round(tf.cast(x, tf.float64) / s), tf.int64) * shift,
+                       tf.reshape(s / twice_max, [1]))
+        for x, s in ((inputs[0], s1), (inputs[1], s2))
+    ]
+    out = _requantize_tf(scaled[0] + scaled[1], tf.reshape(twice_max / (shift * s_o), [1]))
+    q = tf.clip_by_value(tf.cast(out, tf.float32) + zp, 0.0, 255.0)
+    return (q - zp) * s_out
 
 
 def _output_vars(layer):
@@ -192,15 +218,32 @@ def litert_rounding(model):
                     report["skipped"][name] = "output not quantized by one fused activation"
                     continue
                 user = users[0]
+                cap = getattr(_inner_layer(user), "max_value", None)
                 restore.append((user._output_quantizers, 0, user._output_quantizers[0]))
                 user._output_quantizers[0] = _Requantizer(user._output_quantizers[0], input_vars,
-                                                          k.state["exponent"])
+                                                          k.state["exponent"],
+                                                          None if cap is None else float(cap))
             report["patched"].append(name)
+        for wrapper in model.layers:  # two-input ADDs whose inputs both come from quantizers
+            inner = _inner_layer(wrapper)
+            if type(inner) is not keras.layers.Add or _output_vars(wrapper) is None:
+                continue
+            inbound = wrapper.inbound_nodes[0].inbound_layers
+            input_vars = [_output_vars(layer) for layer in (inbound if isinstance(inbound, (list, tuple)) else [])]
+            if len(input_vars) != 2 or any(v is None for v in input_vars):
+                report["skipped"][wrapper.name] = "ADD inputs not both from quantizers"
+                continue
+            restore.append((inner, "call", None))
+            inner.call = (lambda inputs, _in=input_vars, _out=_output_vars(wrapper), **kwargs:
+                          _emulated_add(inputs, _in, _out))
+            report["patched"].append(wrapper.name)
         model.predict_function = None  # retrace with the patched quantizers
         yield report
     finally:
         for owner, key, original in reversed(restore):
-            if isinstance(key, str):
+            if original is None:  # an instance attribute shadowing the class's method
+                delattr(owner, key)
+            elif isinstance(key, str):
                 setattr(owner, key, original)
             else:
                 owner[key] = original
