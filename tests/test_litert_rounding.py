@@ -54,17 +54,17 @@ def test_tf_and_numpy_requantize_agree():
 
 def _relu6_net():
     inp = keras.Input((12, 12, 3))
-    x = keras.layers.Conv2D(8, 3, use_bias=False)(inp)
-    x = keras.layers.BatchNormalization()(x)
-    x = keras.layers.ReLU(6.0)(x)
-    x = keras.layers.DepthwiseConv2D(3, padding="same", use_bias=False)(x)
-    x = keras.layers.BatchNormalization()(x)
-    x = keras.layers.ReLU(6.0)(x)
-    x = keras.layers.Conv2D(8, 1, use_bias=False)(x)
-    x = keras.layers.BatchNormalization()(x)
-    x = keras.layers.ReLU(6.0)(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    return keras.Model(inp, keras.layers.Dense(5)(x))
+    x = keras.layers.Conv2D(8, 3, use_bias=False, name="conv")(inp)
+    x = keras.layers.BatchNormalization(name="bn1")(x)
+    x = keras.layers.ReLU(6.0, name="relu1")(x)
+    x = keras.layers.DepthwiseConv2D(3, padding="same", use_bias=False, name="dw")(x)
+    x = keras.layers.BatchNormalization(name="bn2")(x)
+    x = keras.layers.ReLU(6.0, name="relu2")(x)
+    x = keras.layers.Conv2D(8, 1, use_bias=False, name="pw")(x)
+    x = keras.layers.BatchNormalization(name="bn3")(x)
+    x = keras.layers.ReLU(6.0, name="relu3")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    return keras.Model(inp, keras.layers.Dense(5, name="dense")(x))
 
 
 def test_emulated_keras_matches_litert():
@@ -80,7 +80,7 @@ def test_emulated_keras_matches_litert():
     plain = model.predict(x, verbose=0)
     with litert_rounding(model) as report:
         emulated = model.predict(x, verbose=0)
-    assert report["patched"] == ["conv2d", "depthwise_conv2d", "conv2d_1", "dense"] and not report["skipped"]
+    assert report["patched"] == ["conv", "dw", "pw", "dense"] and not report["skipped"]
     # Restored afterwards: the plain fake-quant output again.
     np.testing.assert_array_equal(model.predict(x, verbose=0), plain)
     plain_steps = np.abs(plain - lite) / step
