@@ -275,6 +275,16 @@ def _load_data(args):
     return (x_train, y_train), (x_test, y_test), int(num_classes), tuple(x_train.shape[1:])
 
 
+def _epochs(n):
+    """``"1 epoch"`` / ``"3 epochs"``."""
+    return f"{n} epoch{'s' if n != 1 else ''}"
+
+
+def _noise_note(args):
+    """``", 50% label noise (uniform)"`` when the run corrupts labels, else ``""``."""
+    return f", {args.label_noise:.0%} label noise ({args.noise_mode})" if args.label_noise else ""
+
+
 def _hidden_kwargs(args):
     """``{"hidden": ...}`` for an MLP when ``--hidden`` is given; refused for other models."""
     if args.hidden is None:
@@ -310,7 +320,6 @@ def run_coherence(args: argparse.Namespace, out_dir: str, log: Callable[[str], N
     ``args`` holds the ``coherence`` subcommand's options (``TRAINING_ARGS`` and
     ``COHERENCE_ARGS``). Raises :class:`UsageError` for a bad dataset or model.
     """
-    from keras_coherence import data
     from keras_coherence._keras import keras
     from keras_coherence.callbacks import CoherenceMonitor
     from keras_coherence.plots import plot_coherence
@@ -320,13 +329,7 @@ def run_coherence(args: argparse.Namespace, out_dir: str, log: Callable[[str], N
     (x_train, y_train), (x_test, y_test), num_classes, input_shape = _load_data(args)
     n = len(x_train)
 
-    y_fit, corrupt = y_train, np.zeros(n, bool)
-    if args.label_noise > 0:
-        try:
-            y_fit, corrupt = data.corrupt_labels(y_train, args.label_noise, num_classes=num_classes,
-                                                 seed=args.seed, mode=args.noise_mode)
-        except ValueError as err:
-            raise UsageError(f"--label-noise {args.label_noise}: {err}") from err
+    y_fit, corrupt = _noise(args, y_train, num_classes)
 
     probe_size = min(args.probe_size, n)
     if probe_size < args.probe_size:
@@ -350,10 +353,9 @@ def run_coherence(args: argparse.Namespace, out_dir: str, log: Callable[[str], N
         os.remove(csv_path)
     monitor = CoherenceMonitor(x_probe, y_probe, every_n_steps=every, per_layer=args.per_layer,
                                csv_path=csv_path, log_dir=args.log_dir)
-    noise = f", {args.label_noise:.0%} label noise ({args.noise_mode})" if args.label_noise else ""
     log(f"coherence: {args.model} ({model.count_params():,} parameters) on {args.dataset}, "
-        f"{n} training examples{noise}; SGD lr {args.lr}, batch {args.batch_size}, "
-        f"{args.epochs} epoch{'s' if args.epochs != 1 else ''} = {total_steps} steps; "
+        f"{n} training examples{_noise_note(args)}; SGD lr {args.lr}, batch {args.batch_size}, "
+        f"{_epochs(args.epochs)} = {total_steps} steps; "
         f"m-coherence of a {probe_size}-example "
         f"probe every {every} steps")
     train_start = time.perf_counter()
@@ -503,10 +505,9 @@ def run_aggregate(args: argparse.Namespace, out_dir: str, log: Callable[[str], N
     tracker = experiments.SubsetAccuracy(subsets, add_to_logs=not args.quiet)
 
     steps_per_epoch = math.ceil(n / args.batch_size)
-    noise = f", {args.label_noise:.0%} label noise ({args.noise_mode})" if args.label_noise else ""
     log(f"aggregate: {arm.label} ({arm.spec}); {args.model} ({model.count_params():,} parameters) on "
-        f"{args.dataset}, {n} training examples{noise}; SGD lr {args.lr}, batch {args.batch_size}, "
-        f"{args.epochs} epoch{'s' if args.epochs != 1 else ''} = {steps_per_epoch * args.epochs} steps")
+        f"{args.dataset}, {n} training examples{_noise_note(args)}; SGD lr {args.lr}, batch {args.batch_size}, "
+        f"{_epochs(args.epochs)} = {steps_per_epoch * args.epochs} steps")
     train_start = time.perf_counter()
     model.fit(x_train, y_fit, batch_size=args.batch_size, epochs=args.epochs, shuffle=True,
               callbacks=[tracker], verbose=0 if args.quiet else 1)
@@ -697,9 +698,9 @@ def run_quantize(args: argparse.Namespace, out_dir: str, log: Callable[[str], No
         f"{bits}-bit {args.method} PO2 weights (one exponent per "
         f"{'conv output channel, per Dense kernel' if args.per_channel else 'kernel'})")
     log(f"quantize: {args.model} ({float_model.count_params():,} parameters) on {args.dataset}, {n} training "
-        f"examples, batch {args.batch_size}; float: {args.float_epochs} epoch{'s' if args.float_epochs != 1 else ''} "
-        f"SGD lr {args.lr}; QAT: {scheme}, 8-bit activations, {args.qat_epochs} "
-        f"epoch{'s' if args.qat_epochs != 1 else ''} SGD lr {qat_lr:g}")
+        f"examples, batch {args.batch_size}; float: {_epochs(args.float_epochs)} "
+        f"SGD lr {args.lr}; QAT: {scheme}, 8-bit activations, {_epochs(args.qat_epochs)} "
+        f"SGD lr {qat_lr:g}")
     verbose = 0 if args.quiet else 1
     t0 = time.perf_counter()
     float_model.fit(x_train, y_train, batch_size=args.batch_size, epochs=args.float_epochs, shuffle=True,
@@ -1001,8 +1002,7 @@ def run_bnn(args: argparse.Namespace, out_dir: str, log: Callable[[str], None] =
     export_dir = args.export or os.path.join(out_dir, "export")
 
     log(f"bnn: {args.model} ({args.method}) on {args.dataset}, {len(x)} training / {len(x_test)} test examples; "
-        f"{args.optimizer} lr {args.lr:g}, batch {args.batch_size}, {args.epochs} "
-        f"epoch{'s' if args.epochs != 1 else ''}")
+        f"{args.optimizer} lr {args.lr:g}, batch {args.batch_size}, {_epochs(args.epochs)}")
     try:
         result = train_bnn(args.model, args.method, epochs=args.epochs, batch_size=args.batch_size,
                            optimizer=args.optimizer, learning_rate=args.lr, dataset=args.dataset,

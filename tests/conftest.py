@@ -48,3 +48,13 @@ def assert_one_line_usage_error(capsys, fragment):
     assert fragment in message and "error" in message
     assert len(message.splitlines()) == 1, message
     assert "Traceback" not in captured.err + captured.out
+
+
+def assert_help_lists(capsys, main, command, present, absent=()):
+    """``command --help`` exits 0 and its text names every ``present`` and no ``absent`` string."""
+    assert main([command, "--help"]) == 0
+    text = capsys.readouterr().out
+    for option in present:
+        assert option in text
+    for option in absent:
+        assert option not in text

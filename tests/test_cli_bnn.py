@@ -11,7 +11,7 @@ import shlex
 
 import numpy as np
 import pytest
-from conftest import read_csv, assert_one_line_usage_error
+from conftest import read_csv, assert_help_lists, assert_one_line_usage_error
 
 from keras_coherence import cli, data
 from keras_coherence._keras import keras
@@ -177,11 +177,7 @@ def test_bad_arguments_exit_2_with_one_line(extra, fragment, capsys, tmp_path):
 
 
 def test_bnn_help(capsys):
-    assert cli.main(["bnn", "--help"]) == 0
-    text = capsys.readouterr().out
-    for option in ("--method", "--optimizer", "--export", "--device-steps", "low_memory_po2", "resnet_e18"):
-        assert option in text
-    assert "--label-noise" not in text
+    assert_help_lists(capsys, cli.main, "bnn", ("--method", "--optimizer", "--export", "--device-steps", "low_memory_po2", "resnet_e18"), absent=("--label-noise",))
 
 
 def test_demo_bnn_section(tmp_path, capsys, monkeypatch):
