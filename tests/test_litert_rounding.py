@@ -23,16 +23,24 @@ def test_quantize_multiplier_by_hand():
 
 # m = q31 / 2**31 * 2**shift; v = (acc * q31 + nudge) / 2**31 truncated, nudge = 2**30
 # (1 - 2**30 below zero); then v >> -shift, plus 1 if the remainder exceeds half (for
-# v < 0: half or more).
-@pytest.mark.parametrize("acc, m, expected", [
-    (5, 0.5, 3),     # q31 = 2**30, shift 0: (5 * 2**30 + 2**30) / 2**31 = 3
-    (-5, 0.5, -2),   # (-5 * 2**30 + 1 - 2**30) / 2**31 = -2.99.. -> -2 (ties go up)
-    (7, 0.25, 2),    # shift -1: v = 4, 4 >> 1 = 2, remainder 0
-    (5, 0.25, 2),    # v = 3, 3 >> 1 = 1, remainder 1 > 0 -> 2 (single rounding: 1.25 -> 1)
-    (-7, 0.25, -2),  # v = (-7 * 2**30 + 1 - 2**30) / 2**31 -> -3; -3 >> 1 = -2, remainder 1, threshold 1 -> -2
+# v < 0: half or more) -- "double". "double_half_up" adds half and shifts (ties go up).
+# "single": (acc * q31 + 2**(30 - shift)) >> (31 - shift).
+@pytest.mark.parametrize("acc, m, double, half_up, single", [
+    (5, 0.5, 3, 3, 3),      # q31 = 2**30, shift 0: (5 * 2**30 + 2**30) / 2**31 = 3; single: 2.5 + 0.5 -> 3
+    (-5, 0.5, -2, -2, -2),  # (-5 * 2**30 + 1 - 2**30) / 2**31 = -2.99.. -> -2; single: floor(-2.5 + 0.5) = -2
+    (7, 0.25, 2, 2, 2),     # shift -1: v = 4, 4 >> 1 = 2, remainder 0; single: floor(1.75 + 0.5) = 2
+    (5, 0.25, 2, 2, 1),     # v = 3, 3 >> 1 = 1, remainder 1 > 0 -> 2; half up: (3 + 1) >> 1 = 2; single 1.25 -> 1
+    (-7, 0.25, -2, -1, -2),  # v = -3: -3 >> 1 = -2, remainder 1, threshold 1 -> -2; half up (-3 + 1) >> 1 = -1
+    (-3, 0.25, -1, 0, -1),  # v = (-3 * 2**30 + 1 - 2**30) / 2**31 -> -1; -1 >> 1 = -1 (+0); half up: 0 >> 1 = 0
 ])
-def test_requantize_by_hand(acc, m, expected):
-    assert int(requantize(np.array([acc]), np.array([m]))[0]) == expected
+def test_requantize_by_hand(acc, m, double, half_up, single):
+    for rounding, expected in (("double", double), ("double_half_up", half_up), ("single", single)):
+        assert int(requantize(np.array([acc]), np.array([m]), rounding)[0]) == expected, rounding
+
+
+def test_requantize_rejects_an_unknown_rounding():
+    with pytest.raises(ValueError, match="rounding='nearest'.*double"):
+        requantize(np.array([1]), np.array([0.5]), "nearest")
 
 
 def test_double_rounding_differs_from_single_rounding_just_above_a_power_of_two():
@@ -44,49 +52,69 @@ def test_double_rounding_differs_from_single_rounding_just_above_a_power_of_two(
     assert np.any(double != single)  # the effect the module exists for
 
 
-def test_tf_and_numpy_requantize_agree():
+@pytest.mark.parametrize("rounding", ["double", "double_half_up", "single"])
+def test_tf_and_numpy_requantize_agree(rounding):
     rng = np.random.default_rng(0)
     m = np.concatenate([rng.uniform(1e-4, 3.0, 30), [0.5, 0.25, 1.0, 2.0 ** -7]])
     acc = rng.integers(-(2 ** 20), 2 ** 20, size=(64, m.size))
-    got = _requantize_tf(tf.constant(acc, tf.int64), tf.constant(m, tf.float64)).numpy()
-    np.testing.assert_array_equal(got, requantize(acc, m))
+    acc[:, :4] = [-3, -7, 5, -5]  # ties of the final shift
+    got = _requantize_tf(tf.constant(acc, tf.int64), tf.constant(m, tf.float64), rounding).numpy()
+    np.testing.assert_array_equal(got, requantize(acc, m, rounding))
 
 
-def _relu6_net():
+def _mixed_net():
+    """Every emulated case: ReLU6-fused conv and depthwise, linear (bottleneck) conv and
+    depthwise outputs, a residual ADD, global average pooling and a dense head."""
     inp = keras.Input((12, 12, 3))
     x = keras.layers.Conv2D(8, 3, use_bias=False, name="conv")(inp)
     x = keras.layers.BatchNormalization(name="bn1")(x)
     x = keras.layers.ReLU(6.0, name="relu1")(x)
-    x = keras.layers.DepthwiseConv2D(3, padding="same", use_bias=False, name="dw")(x)
-    x = keras.layers.BatchNormalization(name="bn2")(x)
-    x = keras.layers.ReLU(6.0, name="relu2")(x)
-    x = keras.layers.Conv2D(8, 1, use_bias=False, name="pw")(x)
-    x = keras.layers.BatchNormalization(name="bn3")(x)
-    x = keras.layers.ReLU(6.0, name="relu3")(x)
+    y = keras.layers.DepthwiseConv2D(3, padding="same", use_bias=False, name="dw")(x)
+    y = keras.layers.BatchNormalization(name="bn2")(y)
+    y = keras.layers.ReLU(6.0, name="relu2")(y)
+    y = keras.layers.Conv2D(8, 1, use_bias=False, name="project")(y)
+    y = keras.layers.BatchNormalization(name="bn3")(y)
+    z = keras.layers.DepthwiseConv2D(3, padding="same", name="dw_linear")(x)
+    x = keras.layers.Add(name="add")([y, z])
     x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
     return keras.Model(inp, keras.layers.Dense(5, name="dense")(x))
 
 
-def test_emulated_keras_matches_litert():
+@pytest.fixture(scope="module")
+def mixed_qat():
     keras.utils.set_random_seed(4)
     rng = np.random.default_rng(4)
-    x = rng.random((64, 12, 12, 3), dtype=np.float32)
-    model = quantize_model(_relu6_net(), bits=4, method="msqe_baseline", calibration_data=x)
+    x = rng.random((96, 12, 12, 3), dtype=np.float32)
+    model = quantize_model(_mixed_net(), bits=4, method="msqe_baseline", calibration_data=x)
     model.compile("sgd", "mse")
-    model.fit(x, rng.normal(size=(64, 5)).astype(np.float32), batch_size=16, verbose=0)
-    tflite_model = to_tflite(model)
-    lite = run_tflite(tflite_model, x)
+    model.fit(x, rng.normal(size=(96, 5)).astype(np.float32), batch_size=16, verbose=0)
+    return model, to_tflite(model), x
+
+
+@pytest.mark.parametrize("kernels", ["optimized", "reference"])
+def test_emulated_keras_equals_litert(mixed_qat, kernels):
+    model, tflite_model, x = mixed_qat
+    lite = run_tflite(tflite_model, x, kernels=kernels)
     step = tflite_output_step(tflite_model)
     plain = model.predict(x, verbose=0)
-    with litert_rounding(model) as report:
+    with litert_rounding(model, kernels=kernels) as report:
         emulated = model.predict(x, verbose=0)
-    assert report["patched"] == ["conv", "dw", "pw", "dense"] and not report["skipped"]
+    assert sorted(report["patched"]) == sorted(["conv", "dw", "project", "dw_linear", "dense", "quant_add",
+                                                "quant_gap"]) and not report["skipped"]
     # Restored afterwards: the plain fake-quant output again.
     np.testing.assert_array_equal(model.predict(x, verbose=0), plain)
-    plain_steps = np.abs(plain - lite) / step
-    emulated_steps = np.abs(emulated - lite) / step
-    # Measured: plain 78% of logits equal LiteRT's, emulated 91% (the rest: the MEAN op of
-    # the pooling, which keeps its own rounding), every logit within one step.
-    assert emulated_steps.max() <= 1.0 + 1e-3
-    assert np.mean(emulated_steps < 0.5) >= np.mean(plain_steps < 0.5) + 0.05
-    assert np.mean(emulated_steps < 0.5) >= 0.85
+    # Every logit is LiteRT's own (the same int8 code); the plain fake-quant is not.
+    np.testing.assert_array_less(np.abs(emulated - lite) / step, 1e-3)
+    assert np.mean(np.abs(plain - lite) / step > 0.5) > 0.05
+
+
+def test_the_two_kernel_sets_round_differently(mixed_qat):
+    model, tflite_model, x = mixed_qat
+    optimized, reference = (run_tflite(tflite_model, x, kernels=k) for k in ("optimized", "reference"))
+    assert np.any(optimized != reference)  # what litert_rounding's kernels argument is for
+
+
+def test_litert_rounding_rejects_unknown_kernels(mixed_qat):
+    with pytest.raises(ValueError, match="kernels='xnnpack'"):
+        with litert_rounding(mixed_qat[0], kernels="xnnpack"):
+            pass

@@ -98,11 +98,7 @@ def integer_weights(model):
         q, shape = k.quantizer, tuple(k.weight.shape)
         codes = q.integer_codes(k.weight, k.state).numpy().reshape(shape).astype(np.int8)
         exponents = q.exponent(k.state).numpy().reshape(-1).astype(np.int32)
-        layer = k.layer
-        if q.folded:
-            bias = layer.folded_bias().numpy()
-        else:
-            bias = layer.bias.numpy() if getattr(layer, "use_bias", False) else None
+        bias = k.bias()
         out[k.name] = IntegerKernel(
             name=k.name,
             kind=_KINDS[q.layout],
@@ -110,7 +106,7 @@ def integer_weights(model):
             exponents=exponents,
             bits=q.quantizer.bits,
             per_channel=q.quantizer.per_channel,
-            bias=None if bias is None else np.asarray(bias, np.float32),
+            bias=None if bias is None else np.asarray(bias.numpy(), np.float32),
             folded=q.folded,
         )
     return out
@@ -224,12 +220,17 @@ def _check_integer(tflite_model):
 
 
 # ------------------------------------------------------------ reading back
-def _interpreter(tflite_model):
+_RESOLVERS = {"optimized": "BUILTIN_WITHOUT_DEFAULT_DELEGATES", "reference": "BUILTIN_REF"}
+
+
+def _interpreter(tflite_model, kernels="optimized"):
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
+    if kernels not in _RESOLVERS:
+        raise ValueError(f"kernels={kernels!r}: expected one of {sorted(_RESOLVERS)}")
     return Interpreter(
         model_content=bytes(tflite_model),
-        experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+        experimental_op_resolver_type=getattr(OpResolverType, _RESOLVERS[kernels]),
     )
 
 
@@ -279,13 +280,16 @@ def tflite_output_step(tflite_model):
     return None
 
 
-def run_tflite(tflite_model, x, batch_size=256):
+def run_tflite(tflite_model, x, batch_size=256, kernels="optimized"):
     """Runs a single-input, single-output TFLite model on ``x`` with LiteRT (no delegates).
+
+    ``kernels``: ``"optimized"`` (LiteRT's builtin CPU kernels) or ``"reference"``
+    (``BUILTIN_REF``); they round some requantizations differently (``litert``).
 
     Returns:
         The float outputs, stacked (``len(x)`` rows).
     """
-    interp = _interpreter(tflite_model)
+    interp = _interpreter(tflite_model, kernels)
     inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
     x = np.asarray(x, np.float32)
     results = []

@@ -585,6 +585,13 @@ class QuantizedKernel:
     def view(self):
         return self.quantizer.view(self.weight)
 
+    def bias(self):
+        """The float bias added to the kernel's output (the folded BN bias of a folded
+        layer), or None."""
+        if self.quantizer.folded:
+            return self.layer.folded_bias()
+        return self.layer.bias if getattr(self.layer, "use_bias", False) else None
+
     def __repr__(self):
         return f"QuantizedKernel({self.name!r}, layout={self.quantizer.layout!r}, folded={self.quantizer.folded})"
 
