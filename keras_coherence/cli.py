@@ -759,7 +759,7 @@ def run_quantize(args: argparse.Namespace, out_dir: str, log: Callable[[str], No
         f"(Keras/TFLite top-1 agreement {accuracy['keras_tflite_agreement']:.3f})")
     if result["litert_rounding"] is not None:
         lr = result["litert_rounding"]
-        log(f"  Keras rounding as LiteRT does (litert_rounding, {lr['patched']} kernels): top-1 agreement "
+        log(f"  Keras rounding as LiteRT does (litert_rounding, {lr['patched']} ops emulated): top-1 agreement "
             f"{lr['agreement']:.3f}, largest logit difference {lr['logit_steps']['max']:.1f} output steps")
     yes = lambda v: "yes" if v else "no"  # noqa: E731
     log(f"  TFLite ({tflite_info['bytes'] / 1024:.0f} kB): {tflite_info['po2_tensors']} of "

@@ -3,6 +3,8 @@
 References: LiteRT itself (the exported model's outputs), and TFLite's
 QuantizeMultiplier / MultiplyByQuantizedMultiplier written out by hand for a few
 multipliers (integer arithmetic checked digit by digit)."""
+import re
+
 import numpy as np
 import pytest
 
@@ -62,9 +64,10 @@ def test_tf_and_numpy_requantize_agree(rounding):
     np.testing.assert_array_equal(got, requantize(acc, m, rounding))
 
 
-def _mixed_net():
+def _mixed_net(head):
     """Every emulated case: ReLU6-fused conv and depthwise, linear (bottleneck) conv and
-    depthwise outputs, a residual ADD, global average pooling and a dense head."""
+    depthwise outputs, a residual ADD, global average pooling (``keepdims`` False or
+    True: two MEAN kernels) and a dense head."""
     inp = keras.Input((12, 12, 3))
     x = keras.layers.Conv2D(8, 3, use_bias=False, name="conv")(inp)
     x = keras.layers.BatchNormalization(name="bn1")(x)
@@ -76,45 +79,65 @@ def _mixed_net():
     y = keras.layers.BatchNormalization(name="bn3")(y)
     z = keras.layers.DepthwiseConv2D(3, padding="same", name="dw_linear")(x)
     x = keras.layers.Add(name="add")([y, z])
-    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap", keepdims=head == "pool_keepdims")(x)
+    x = keras.layers.Flatten(name="flat")(x)
     return keras.Model(inp, keras.layers.Dense(5, name="dense")(x))
 
 
-@pytest.fixture(scope="module")
-def mixed_qat():
+def _identity_pool_net(head):
+    """MobileNetV1's head on a 1x1 map: the converter drops the keepdims MEAN (and its
+    requantization) and quantizes the next conv's bias with the dropped tensor's scale."""
+    inp = keras.Input((3, 3, 3))
+    x = keras.layers.Conv2D(16, 3, use_bias=False, name="conv")(inp)
+    x = keras.layers.BatchNormalization(name="bn1")(x)
+    x = keras.layers.ReLU(6.0, name="relu1")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap", keepdims=True)(x)
+    x = keras.layers.Dropout(0.1, name="drop")(x)
+    x = keras.layers.Conv2D(5, 1, name="preds")(x)
+    return keras.Model(inp, keras.layers.Reshape((5,), name="logits")(x))
+
+
+_MIXED = ["quantize_layer", "conv", "dw", "project", "dw_linear", "dense", "quant_add", "quant_gap"]
+_NETS = {"pool": (_mixed_net, (12, 12, 3), _MIXED), "pool_keepdims": (_mixed_net, (12, 12, 3), _MIXED),
+         "identity_pool": (_identity_pool_net, (3, 3, 3), ["quantize_layer", "conv", "preds", "quant_gap"])}
+
+
+@pytest.fixture(scope="module", params=list(_NETS))
+def mixed_qat(request):
+    build, shape, emulated = _NETS[request.param]
     keras.utils.set_random_seed(4)
     rng = np.random.default_rng(4)
-    x = rng.random((96, 12, 12, 3), dtype=np.float32)
-    model = quantize_model(_mixed_net(), bits=4, method="msqe_baseline", calibration_data=x)
+    x = rng.random((96, *shape), dtype=np.float32)
+    model = quantize_model(build(request.param), bits=4, method="msqe_baseline", calibration_data=x)
     model.compile("sgd", "mse")
     model.fit(x, rng.normal(size=(96, 5)).astype(np.float32), batch_size=16, verbose=0)
-    return model, to_tflite(model), x
+    return model, to_tflite(model), x, emulated
 
 
 @pytest.mark.parametrize("kernels", ["optimized", "reference"])
 def test_emulated_keras_equals_litert(mixed_qat, kernels):
-    model, tflite_model, x = mixed_qat
+    model, tflite_model, x, expected = mixed_qat
     lite = run_tflite(tflite_model, x, kernels=kernels)
     step = tflite_output_step(tflite_model)
     plain = model.predict(x, verbose=0)
     with litert_rounding(model, kernels=kernels) as report:
         emulated = model.predict(x, verbose=0)
-    assert sorted(report["patched"]) == sorted(["conv", "dw", "project", "dw_linear", "dense", "quant_add",
-                                                "quant_gap"]) and not report["skipped"]
+    patched = [re.sub(r"^quantize_layer_\d+$", "quantize_layer", name) for name in report["patched"]]  # auto name
+    assert sorted(patched) == sorted(expected) and not report["skipped"]
     # Restored afterwards: the plain fake-quant output again.
     np.testing.assert_array_equal(model.predict(x, verbose=0), plain)
     # Every logit is LiteRT's own (the same int8 code); the plain fake-quant is not.
     np.testing.assert_array_less(np.abs(emulated - lite) / step, 1e-3)
-    assert np.mean(np.abs(plain - lite) / step > 0.5) > 0.05
+    assert np.mean(np.abs(plain - lite) / step > 0.5) > 0.02
 
 
 def test_the_two_kernel_sets_round_differently(mixed_qat):
-    model, tflite_model, x = mixed_qat
+    model, tflite_model, x, _ = mixed_qat
     optimized, reference = (run_tflite(tflite_model, x, kernels=k) for k in ("optimized", "reference"))
     assert np.any(optimized != reference)  # what litert_rounding's kernels argument is for
 
 
 def test_litert_rounding_rejects_unknown_kernels(mixed_qat):
-    with pytest.raises(ValueError, match="kernels='xnnpack'"):
+    with pytest.raises(ValueError, match="kernels='xnnpack'.*optimized"):
         with litert_rounding(mixed_qat[0], kernels="xnnpack"):
             pass

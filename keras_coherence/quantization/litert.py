@@ -28,12 +28,13 @@ kernels whose input comes from an activation quantizer (possibly through padding
 reshape or dropout) and whose output is quantized by the kernel's own activation
 quantizer or by a single fused ReLU after it. Two-input ADD layers (residual
 connections: both inputs rescaled to a common scale with a 20-bit left shift, the sum
-requantized) and ``GlobalAveragePooling2D`` (TFLite's MEAN: an integer sum and a
-multiplier that folds in ``1 / count``) are emulated too. Anything else keeps the
+requantized) and ``GlobalAveragePooling2D`` (TFLite's MEAN: an integer sum and a Q31
+multiplier, in one of two ways depending on ``keepdims``) are emulated too. Anything else keeps the
 fake-quant rounding and is listed in the returned ``skipped``.
 
-``quantize_multiplier`` and ``requantize`` are the numpy versions (TFLite's
-``QuantizeMultiplier`` and ``MultiplyByQuantizedMultiplier``).
+``quantize_multiplier``, ``requantize`` and ``multiply_by_quantized_multiplier`` are
+the numpy versions (TFLite's ``QuantizeMultiplier`` and
+``MultiplyByQuantizedMultiplier``).
 """
 from __future__ import annotations
 
@@ -44,16 +45,19 @@ import numpy as np
 
 from keras_coherence._keras import keras, tf
 
-__all__ = ["litert_rounding", "quantize_multiplier", "requantize", "KERNELS", "ROUNDINGS"]
+__all__ = ["litert_rounding", "quantize_multiplier", "requantize", "multiply_by_quantized_multiplier", "KERNELS",
+           "ROUNDINGS"]
 
 # How TFLite's MultiplyByQuantizedMultiplier rounds (see ``requantize``).
 ROUNDINGS = ("double", "double_half_up", "single")
 # kernels -> {kernel layout: rounding} of the requantization after CONV_2D,
-# DEPTHWISE_CONV_2D and FULLY_CONNECTED; ADD and MEAN use "double" in both
-# (measured op by op: benchmarks/litert_rounding.py).
+# DEPTHWISE_CONV_2D and FULLY_CONNECTED, and how QUANTIZE (float input -> int8)
+# rounds ``x / s``; ADD and MEAN use "double" in both (measured op by op:
+# benchmarks/litert_rounding.py, tests/test_litert_rounding.py).
 KERNELS = {
-    "optimized": {"conv": "double_half_up", "depthwise": "double_half_up", "dense": "double_half_up"},
-    "reference": {"conv": "double", "depthwise": "double", "dense": "single"},
+    "optimized": {"conv": "double_half_up", "depthwise": "double_half_up", "dense": "double_half_up",
+                  "quantize": "half_even"},
+    "reference": {"conv": "double", "depthwise": "double", "dense": "single", "quantize": "half_away"},
 }
 
 
@@ -72,7 +76,8 @@ def _check_rounding(rounding):
 
 def requantize(acc, m, rounding="double"):
     """TFLite's MultiplyByQuantizedMultiplier of int accumulators ``acc`` by ``m``
-    (broadcast on the last axis), with ``m = q31 / 2**31 * 2**shift``.
+    (broadcast on the last axis), with ``m = q31 / 2**31 * 2**shift``
+    (``quantize_multiplier``).
 
     ``rounding``:
 
@@ -84,15 +89,21 @@ def requantize(acc, m, rounding="double"):
     * ``"single"``: ``(acc * q31 + half) >> (31 - shift)``, one rounding (TFLite's
       reference FULLY_CONNECTED).
     """
-    _check_rounding(rounding)
     q31, shift = quantize_multiplier(m)
+    return multiply_by_quantized_multiplier(acc, q31, shift, rounding)
+
+
+def multiply_by_quantized_multiplier(acc, q31, shift, rounding="double"):
+    """``requantize`` from a given ``(q31, shift)``, which need not be normalized
+    (TFLite's MEAN folds ``1 / count`` into ``q31``). Integer arithmetic throughout."""
+    _check_rounding(rounding)
+    acc, q31, shift = (np.asarray(v, np.int64) for v in (acc, q31, shift))
     if rounding == "single":
         total = 31 - shift
-        return (np.asarray(acc, np.int64) * q31 + (np.int64(1) << (total - 1))) >> total
-    a = np.asarray(acc, np.int64) * (1 << np.maximum(shift, 0))
-    ab = a * q31
-    nudge = np.where(ab >= 0, 1 << 30, 1 - (1 << 30))
-    v = np.trunc((ab + nudge) / float(1 << 31)).astype(np.int64)  # C++ division: toward zero
+        return (acc * q31 + (np.int64(1) << (total - 1))) >> total
+    t = acc * (np.int64(1) << np.maximum(shift, 0)) * q31
+    t = t + np.where(t >= 0, np.int64(1 << 30), np.int64(1 - (1 << 30)))
+    v = np.where(t >= 0, t >> 31, -((-t) >> 31))  # C++ division: toward zero
     right = np.maximum(-shift, 0)
     if rounding == "double_half_up":
         return (v + ((np.int64(1) << right) >> 1)) >> right
@@ -163,8 +174,11 @@ class _Requantizer:
     """Stands in for a tfmot activation quantizer: training as before; inference as
     LiteRT requantizes the producing kernel's int32 accumulator."""
 
-    def __init__(self, inner, input_vars, kernel, rounding, relu=False, relu_max=None):
+    def __init__(self, inner, input_vars, kernel, rounding, relu=False, relu_max=None, bias_input_vars=None):
         self.inner, self.input_vars, self.kernel, self.rounding = inner, input_vars, kernel, rounding
+        # The converter quantizes the bias before it drops an identity MEAN in front of
+        # the kernel: with the dropped tensor's scale, not the input's.
+        self.bias_input_vars = bias_input_vars or input_vars
         self.relu = relu  # a fused ReLU: TFLite clamps at the zero point
         self.relu_max = relu_max  # a fused ReLU6's cap: TFLite clamps at zp + round(6 / s_out)
 
@@ -185,8 +199,10 @@ class _Requantizer:
             # The bias apart: the converter rounds bias / unit on its own, and a bias near
             # a half unit would otherwise round with the float32 sum's noise.
             bias = tf.cast(bias, tf.float32)
+            s_bias, _ = _nudged(self.bias_input_vars["min_var"], self.bias_input_vars["max_var"])
+            bias_unit = tf.cast(s_bias, tf.float64) * tf.cast(s_w, tf.float64)
             acc = (tf.cast(tf.round(tf.cast(inputs - bias, tf.float64) / unit), tf.int64)
-                   + tf.cast(tf.round(tf.cast(bias, tf.float64) / unit), tf.int64))
+                   + tf.cast(tf.round(tf.cast(bias, tf.float64) / bias_unit), tf.int64))
         m = unit / tf.cast(s_out, tf.float64)
         q = tf.clip_by_value(tf.cast(_requantize_tf(acc, m, self.rounding), tf.float32) + zp, 0.0, 255.0)
         if self.relu:  # a clipped input lost its accumulator; TFLite's clamp gives zp
@@ -196,6 +212,26 @@ class _Requantizer:
             top = tf.minimum(255.0, zp + tf.sign(ratio) * tf.floor(tf.abs(ratio) + 0.5))
             q = tf.where(inputs >= self.relu_max, top, tf.minimum(q, top))
         return (q - zp) * s_out
+
+
+class _Quantize:
+    """Stands in for the input's QuantizeLayer quantizer: inference rounds ``x / s`` as
+    TFLite's QUANTIZE op does (half to even in the optimized kernels, half away from
+    zero in the reference ones); training is unchanged."""
+
+    def __init__(self, inner, half_even):
+        self.inner, self.half_even = inner, half_even
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, inputs, training, weights, **kwargs):
+        if training:
+            return self.inner(inputs, training, weights, **kwargs)
+        s, zp = _nudged(weights["min_var"], weights["max_var"])
+        v = tf.cast(inputs, tf.float32) / s
+        code = tf.math.round(v) if self.half_even else tf.sign(v) * tf.floor(tf.abs(v) + 0.5)
+        return (tf.clip_by_value(code + zp, 0.0, 255.0) - zp) * s
 
 
 def _emulated_add(inputs, input_vars, output_vars):
@@ -216,16 +252,29 @@ def _emulated_add(inputs, input_vars, output_vars):
     return (q - zp) * s_out
 
 
-def _emulated_mean(inputs, input_vars, output_vars):
-    """TFLite's int8 MEAN over height and width (``keep_dims=False``): the integer sum
-    of the input codes times ``s_in / s_out`` as a Q31 multiplier into which
-    ``1 / count`` is folded (``2**k / count`` in the mantissa, ``k = floor(log2 count)``
-    taken off the shift), one MultiplyByQuantizedMultiplier."""
+def _emulated_mean(inputs, input_vars, output_vars, keepdims, kernels):
+    """TFLite's int8 MEAN over height and width.
+
+    Two kernels: with ``keep_dims=False`` (and in the reference kernels always) the
+    integer sum of the input codes times ``s_in / s_out`` as a Q31 multiplier into which
+    ``1 / count`` is folded (``2**k / count`` in the mantissa, ``k = floor(log2
+    count)`` taken off the shift). The optimized ``keep_dims=True`` kernel instead sums
+    the raw int8 values, requantizes by ``s_in / (count * s_out)`` (computed in
+    float32) and subtracts the input zero point as ``round(zp_in * s_in / s_out)``."""
     count = int(inputs.shape[1]) * int(inputs.shape[2])
-    s_in, _ = _nudged(input_vars["min_var"], input_vars["max_var"])
+    s_in, zp_in = _nudged(input_vars["min_var"], input_vars["max_var"])
     s_out, zp = _nudged(output_vars["min_var"], output_vars["max_var"])
     codes = tf.cast(tf.round(tf.cast(inputs, tf.float64) / tf.cast(s_in, tf.float64)), tf.int64)
-    total = tf.reduce_sum(codes, axis=[1, 2])
+    total = tf.reduce_sum(codes, axis=[1, 2], keepdims=keepdims)
+    if keepdims and kernels == "optimized":
+        zp_in8, zp_out8 = zp_in - 128.0, zp - 128.0  # int8 zero points
+        raw = total + tf.cast(zp_in8, tf.int64) * count
+        q31, shift = _quantize_multiplier_tf(tf.reshape(tf.cast(s_in / (float(count) * s_out), tf.float64), [1]))
+        shifted = zp_in8 * s_in / s_out
+        offset = zp_out8 - tf.sign(shifted) * tf.floor(tf.abs(shifted) + 0.5)
+        out = _multiply_by_quantized_multiplier_tf(raw, q31, shift, "double") + tf.cast(offset, tf.int64) + 128
+        q = tf.clip_by_value(tf.cast(out, tf.float32), 0.0, 255.0)
+        return (q - zp) * s_out
     q31, shift = _quantize_multiplier_tf(tf.reshape(tf.cast(s_in, tf.float64) / tf.cast(s_out, tf.float64), [1]))
     k = tf.minimum(tf.minimum(tf.constant(count.bit_length() - 1, tf.int64), 32), 31 + shift)
     q31 = tf.bitwise.left_shift(q31, k) // count
@@ -256,8 +305,9 @@ def _inner_layer(layer):
     return getattr(layer, "layer", layer)
 
 
-def _producer_vars(layer):
-    """Walk back from ``layer``'s input through pass-through layers to an output quantizer."""
+def _producer_vars(layer, elided=()):
+    """Walk back from ``layer``'s input through pass-through layers (and layers the
+    converter removes, ``elided``) to an output quantizer."""
     current = layer
     for _ in range(16):
         inbound = current.inbound_nodes[0].inbound_layers
@@ -265,13 +315,43 @@ def _producer_vars(layer):
             if len(inbound) != 1:
                 return None
             inbound = inbound[0]
-        found = _output_vars(inbound)
+        found = None if inbound in elided else _output_vars(inbound)
         if found is not None:
             return found
-        if not isinstance(_inner_layer(inbound), _PASS_THROUGH):
+        if not isinstance(_inner_layer(inbound), _PASS_THROUGH) and inbound not in elided:
             return None
         current = inbound
     return None
+
+
+def _identity_mean(layer):
+    """A keepdims global average pooling over a 1x1 map: the converter drops the
+    MEAN, and with it the requantization to the pooling's own output range."""
+    inner = _inner_layer(layer)
+    return (type(inner) is keras.layers.GlobalAveragePooling2D and inner.keepdims
+            and inner.data_format == "channels_last" and inner.input_shape[1:3] == (1, 1))
+
+
+def _bypass_output_quantizer(wrapper, restore):
+    """At inference, ``wrapper``'s output quantizer passes values through: the layer
+    already computes LiteRT's int8 output, or the converter removes the layer. TF's
+    fake-quant can nudge the zero point one code off the converter's."""
+    restore.append((wrapper._output_quantizers, 0, wrapper._output_quantizers[0]))
+    wrapper._output_quantizers[0] = _Identity(wrapper._output_quantizers[0])
+
+
+class _Identity:
+    """Stands in for an output quantizer (``_bypass_output_quantizer``): inference
+    passes values through; training is unchanged."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, inputs, training, weights, **kwargs):
+        return self.inner(inputs, training, weights, **kwargs) if training else inputs
 
 
 def _consumers(model, layer):
@@ -299,6 +379,8 @@ def litert_rounding(model, kernels="optimized"):
         with litert_rounding(qat_model):
             logits = qat_model.predict(x)   # == run_tflite(tflite_model, x)
     """
+    from tensorflow_model_optimization.python.core.quantization.keras import quantize_layer
+
     from keras_coherence.quantization.qat import _fused_relu, quantized_kernels
 
     if kernels not in KERNELS:
@@ -306,10 +388,19 @@ def litert_rounding(model, kernels="optimized"):
     rounding = KERNELS[kernels]
     restore: List = []
     report: Dict = {"patched": [], "skipped": {}}
+    elided = {layer for layer in model.layers if _identity_mean(layer) and getattr(layer, "_output_quantizers", None)}
     try:
+        for layer in elided:
+            _bypass_output_quantizer(layer, restore)
+            report["patched"].append(layer.name)
+        for layer in model.layers:  # float inputs: TFLite's QUANTIZE
+            if isinstance(layer, quantize_layer.QuantizeLayer) and layer.quantizer is not None:
+                restore.append((layer, "quantizer", layer.quantizer))
+                layer.quantizer = _Quantize(layer.quantizer, rounding["quantize"] == "half_even")
+                report["patched"].append(layer.name)
         for k in quantized_kernels(model):
             wrapper, name = k.wrapper, k.name
-            input_vars = _producer_vars(wrapper)
+            input_vars, bias_input_vars = _producer_vars(wrapper, elided), _producer_vars(wrapper)
             if input_vars is None:
                 report["skipped"][name] = "input not from an activation quantizer"
                 continue
@@ -317,7 +408,8 @@ def litert_rounding(model, kernels="optimized"):
                                                          None):
                 act = wrapper._quantize_activations[0]
                 restore.append((act, "quantizer", act.quantizer))
-                act.quantizer = _Requantizer(act.quantizer, input_vars, k, rounding[k.quantizer.layout])
+                act.quantizer = _Requantizer(act.quantizer, input_vars, k, rounding[k.quantizer.layout],
+                                             bias_input_vars=bias_input_vars)
             else:
                 users = _consumers(model, wrapper)
                 user = users[0] if len(users) == 1 else None
@@ -331,7 +423,8 @@ def litert_rounding(model, kernels="optimized"):
                 restore.append((user._output_quantizers, 0, user._output_quantizers[0]))
                 user._output_quantizers[0] = _Requantizer(user._output_quantizers[0], input_vars, k,
                                                           rounding[k.quantizer.layout], relu=True,
-                                                          relu_max=None if cap is None else float(cap))
+                                                          relu_max=None if cap is None else float(cap),
+                                                          bias_input_vars=bias_input_vars)
             report["patched"].append(name)
         for wrapper in model.layers:  # two-input ADDs whose inputs both come from quantizers
             inner = _inner_layer(wrapper)
@@ -345,20 +438,23 @@ def litert_rounding(model, kernels="optimized"):
             restore.append((inner, "call", None))
             inner.call = (lambda inputs, _in=input_vars, _out=_output_vars(wrapper), **kwargs:
                           _emulated_add(inputs, _in, _out))
+            _bypass_output_quantizer(wrapper, restore)
             report["patched"].append(wrapper.name)
         for wrapper in model.layers:  # global average pooling: TFLite's MEAN
             inner = _inner_layer(wrapper)
-            if type(inner) is not keras.layers.GlobalAveragePooling2D or _output_vars(wrapper) is None:
+            if (type(inner) is not keras.layers.GlobalAveragePooling2D or _output_vars(wrapper) is None
+                    or wrapper in elided):
                 continue
-            input_vars = _producer_vars(wrapper)
+            input_vars = _producer_vars(wrapper, elided)
             static = inner.input_shape[1] is not None and inner.input_shape[2] is not None
-            if input_vars is None or inner.keepdims or inner.data_format != "channels_last" or not static:
-                report["skipped"][wrapper.name] = ("MEAN emulated only for channels_last, keepdims=False, a static "
-                                                   "spatial shape and a quantized input")
+            if input_vars is None or inner.data_format != "channels_last" or not static:
+                report["skipped"][wrapper.name] = ("MEAN emulated only for channels_last, a static spatial shape and "
+                                                   "a quantized input")
                 continue
             restore.append((inner, "call", None))
-            inner.call = (lambda inputs, _in=input_vars, _out=_output_vars(wrapper), **kwargs:
-                          _emulated_mean(inputs, _in, _out))
+            inner.call = (lambda inputs, _in=input_vars, _out=_output_vars(wrapper), _keep=bool(inner.keepdims),
+                          **kwargs: _emulated_mean(inputs, _in, _out, _keep, kernels))
+            _bypass_output_quantizer(wrapper, restore)
             report["patched"].append(wrapper.name)
         model.predict_function = None  # retrace with the patched quantizers
         yield report
