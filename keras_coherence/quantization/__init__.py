@@ -22,9 +22,10 @@ a Keras callback recording every PO2 quantizer's exponents, exponent flips, clip
 fraction and (gradient-weighted) MSQE during ``fit``, into the logs, a per-layer
 ``history``, ``to_csv`` and ``plot``.
 
-``litert_rounding(model)`` (``litert``): a context manager under which the QAT
-model's inference rounds as LiteRT's integer kernels do (two roundings per
-requantization), so Keras predicts the exported file's outputs.
+``litert_rounding(model, kernels="optimized")`` (``litert``): a context manager under
+which the QAT model's inference runs LiteRT's integer arithmetic (Q31 multipliers, two
+roundings per requantization, ADD / MEAN / QUANTIZE as its kernels compute them), so
+Keras gives the exported file's int8 outputs exactly (``run_tflite(..., kernels=...)``).
 ``qat_evaluate`` (``evaluate``): QAT, export and Keras/TFLite accuracies in one call.
 """
 from keras_coherence.quantization.base import PO2Quantizer
