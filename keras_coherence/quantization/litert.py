@@ -165,22 +165,26 @@ def _nudged(min_var, max_var):
     lo, hi = tf.cast(min_var, tf.float32), tf.cast(max_var, tf.float32)
     scale = tf.cast((tf.cast(hi, tf.float64) - tf.cast(lo, tf.float64)) / 255.0, tf.float32)
     zp_from_min = -lo / scale
-    zp = tf.where(zp_from_min < 0.0, 0.0, tf.where(zp_from_min > 255.0, 255.0,
-                                                    tf.sign(zp_from_min) * tf.floor(tf.abs(zp_from_min) + 0.5)))
+    zp = tf.clip_by_value(_round_half_away(zp_from_min), 0.0, 255.0)
     return scale, zp
 
 
-class _Requantizer:
-    """Stands in for a tfmot activation quantizer: training as before; inference as
-    LiteRT requantizes the producing kernel's int32 accumulator."""
+def _round_half_away(v):
+    """C's ``round``: ties away from zero (``tf.round`` breaks them to even)."""
+    return tf.sign(v) * tf.floor(tf.abs(v) + 0.5)
 
-    def __init__(self, inner, input_vars, kernel, rounding, relu=False, relu_max=None, bias_input_vars=None):
-        self.inner, self.input_vars, self.kernel, self.rounding = inner, input_vars, kernel, rounding
-        # The converter quantizes the bias before it drops an identity MEAN in front of
-        # the kernel: with the dropped tensor's scale, not the input's.
-        self.bias_input_vars = bias_input_vars or input_vars
-        self.relu = relu  # a fused ReLU: TFLite clamps at the zero point
-        self.relu_max = relu_max  # a fused ReLU6's cap: TFLite clamps at zp + round(6 / s_out)
+
+def _dequantized(codes, zp, scale):
+    """uint8 codes (any float or int dtype), clamped to [0, 255], as real values."""
+    return (tf.clip_by_value(tf.cast(codes, tf.float32), 0.0, 255.0) - zp) * scale
+
+
+class _StandIn:
+    """Stands in for a tfmot quantizer: training calls it unchanged, inference calls
+    ``infer(inputs, weights)``; every other attribute is the wrapped quantizer's."""
+
+    def __init__(self, inner):
+        self.inner = inner
 
     def __getattr__(self, name):  # build(), get_config() ... of the wrapped quantizer
         return getattr(self.inner, name)
@@ -188,6 +192,23 @@ class _Requantizer:
     def __call__(self, inputs, training, weights, **kwargs):
         if training:
             return self.inner(inputs, training, weights, **kwargs)
+        return self.infer(inputs, weights)
+
+
+class _Requantizer(_StandIn):
+    """A kernel's output quantizer: inference as LiteRT requantizes the kernel's int32
+    accumulator."""
+
+    def __init__(self, inner, input_vars, kernel, rounding, relu=False, relu_max=None, bias_input_vars=None):
+        super().__init__(inner)
+        self.input_vars, self.kernel, self.rounding = input_vars, kernel, rounding
+        # The converter quantizes the bias before it drops an identity MEAN in front of
+        # the kernel: with the dropped tensor's scale, not the input's.
+        self.bias_input_vars = bias_input_vars or input_vars
+        self.relu = relu  # a fused ReLU: TFLite clamps at the zero point
+        self.relu_max = relu_max  # a fused ReLU6's cap: TFLite clamps at zp + round(6 / s_out)
+
+    def infer(self, inputs, weights):
         s_in, _ = _nudged(self.input_vars["min_var"], self.input_vars["max_var"])
         s_out, zp = _nudged(weights["min_var"], weights["max_var"])
         s_w = tf.pow(2.0, tf.reshape(tf.cast(self.kernel.state["exponent"], tf.float32), [-1]))
@@ -208,30 +229,24 @@ class _Requantizer:
         if self.relu:  # a clipped input lost its accumulator; TFLite's clamp gives zp
             q = tf.where(inputs <= 0.0, zp, tf.maximum(q, zp))
         if self.relu_max is not None:
-            ratio = self.relu_max / s_out
-            top = tf.minimum(255.0, zp + tf.sign(ratio) * tf.floor(tf.abs(ratio) + 0.5))
+            top = tf.minimum(255.0, zp + _round_half_away(self.relu_max / s_out))
             q = tf.where(inputs >= self.relu_max, top, tf.minimum(q, top))
-        return (q - zp) * s_out
+        return _dequantized(q, zp, s_out)
 
 
-class _Quantize:
-    """Stands in for the input's QuantizeLayer quantizer: inference rounds ``x / s`` as
-    TFLite's QUANTIZE op does (half to even in the optimized kernels, half away from
-    zero in the reference ones); training is unchanged."""
+class _Quantize(_StandIn):
+    """The input's QuantizeLayer quantizer: inference rounds ``x / s`` as TFLite's
+    QUANTIZE op does (half to even in the optimized kernels, half away from zero in
+    the reference ones)."""
 
     def __init__(self, inner, half_even):
-        self.inner, self.half_even = inner, half_even
+        super().__init__(inner)
+        self.half_even = half_even
 
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def __call__(self, inputs, training, weights, **kwargs):
-        if training:
-            return self.inner(inputs, training, weights, **kwargs)
+    def infer(self, inputs, weights):
         s, zp = _nudged(weights["min_var"], weights["max_var"])
         v = tf.cast(inputs, tf.float32) / s
-        code = tf.math.round(v) if self.half_even else tf.sign(v) * tf.floor(tf.abs(v) + 0.5)
-        return (tf.clip_by_value(code + zp, 0.0, 255.0) - zp) * s
+        return _dequantized((tf.math.round(v) if self.half_even else _round_half_away(v)) + zp, zp, s)
 
 
 def _emulated_add(inputs, input_vars, output_vars):
@@ -248,8 +263,7 @@ def _emulated_add(inputs, input_vars, output_vars):
         for x, s in ((inputs[0], s1), (inputs[1], s2))
     ]
     out = _requantize_tf(scaled[0] + scaled[1], tf.reshape(twice_max / (shift * s_o), [1]))
-    q = tf.clip_by_value(tf.cast(out, tf.float32) + zp, 0.0, 255.0)
-    return (q - zp) * s_out
+    return _dequantized(tf.cast(out, tf.float32) + zp, zp, s_out)
 
 
 def _emulated_mean(inputs, input_vars, output_vars, keepdims, kernels):
@@ -270,17 +284,14 @@ def _emulated_mean(inputs, input_vars, output_vars, keepdims, kernels):
         zp_in8, zp_out8 = zp_in - 128.0, zp - 128.0  # int8 zero points
         raw = total + tf.cast(zp_in8, tf.int64) * count
         q31, shift = _quantize_multiplier_tf(tf.reshape(tf.cast(s_in / (float(count) * s_out), tf.float64), [1]))
-        shifted = zp_in8 * s_in / s_out
-        offset = zp_out8 - tf.sign(shifted) * tf.floor(tf.abs(shifted) + 0.5)
+        offset = zp_out8 - _round_half_away(zp_in8 * s_in / s_out)
         out = _multiply_by_quantized_multiplier_tf(raw, q31, shift, "double") + tf.cast(offset, tf.int64) + 128
-        q = tf.clip_by_value(tf.cast(out, tf.float32), 0.0, 255.0)
-        return (q - zp) * s_out
+        return _dequantized(out, zp, s_out)
     q31, shift = _quantize_multiplier_tf(tf.reshape(tf.cast(s_in, tf.float64) / tf.cast(s_out, tf.float64), [1]))
     k = tf.minimum(tf.minimum(tf.constant(count.bit_length() - 1, tf.int64), 32), 31 + shift)
     q31 = tf.bitwise.left_shift(q31, k) // count
     out = _multiply_by_quantized_multiplier_tf(total, q31, shift - k, "double")
-    q = tf.clip_by_value(tf.cast(out, tf.float32) + zp, 0.0, 255.0)
-    return (q - zp) * s_out
+    return _dequantized(tf.cast(out, tf.float32) + zp, zp, s_out)
 
 
 def _output_vars(layer):
@@ -340,18 +351,11 @@ def _bypass_output_quantizer(wrapper, restore):
     wrapper._output_quantizers[0] = _Identity(wrapper._output_quantizers[0])
 
 
-class _Identity:
-    """Stands in for an output quantizer (``_bypass_output_quantizer``): inference
-    passes values through; training is unchanged."""
+class _Identity(_StandIn):
+    """An output quantizer bypassed at inference (``_bypass_output_quantizer``)."""
 
-    def __init__(self, inner):
-        self.inner = inner
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def __call__(self, inputs, training, weights, **kwargs):
-        return self.inner(inputs, training, weights, **kwargs) if training else inputs
+    def infer(self, inputs, weights):
+        return inputs
 
 
 def _consumers(model, layer):
