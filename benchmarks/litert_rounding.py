@@ -35,7 +35,7 @@ if _ROOT not in sys.path:
 import numpy as np  # noqa: E402
 
 CANDIDATES = ("float", "double", "double_half_up", "single")
-RESOLVERS = {"optimized": "BUILTIN_WITHOUT_DEFAULT_DELEGATES", "reference": "BUILTIN_REF"}
+KERNEL_SETS = ("optimized", "reference")
 
 
 def _int_ops(interp, qat, tf):
@@ -101,8 +101,8 @@ def _int_ops(interp, qat, tf):
                     exact = ((tensor(ins[0]) - z1[0]) * s1[0] + (tensor(ins[1]) - z2[0]) * s2[0]) / s_out[0]
                     got[c] = np.floor(exact + 0.5).astype(np.int64)
                     continue
-                scaled = [multiply_by_quantized_multiplier((tensor(i) - z[0]) * left, *quantize_multiplier(s[0] / twice_max),
-                                                           c)
+                scaled = [multiply_by_quantized_multiplier((tensor(i) - z[0]) * left,
+                                                           *quantize_multiplier(s[0] / twice_max), c)
                           for i, s, z in ((ins[0], s1, z1), (ins[1], s2, z2))]
                 got[c] = multiply_by_quantized_multiplier(scaled[0] + scaled[1],
                                                           *quantize_multiplier(twice_max / (left * s_out[0])), c)
@@ -126,12 +126,12 @@ def main(argv=None):
     p.add_argument("--images", type=int, default=1000, help="test images pushed through LiteRT")
     args = p.parse_args(argv)
 
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+    from ai_edge_litert.interpreter import Interpreter
 
     from keras_coherence import data, models
     from keras_coherence._keras import keras, tf
     from keras_coherence.quantization import quantize_model
-    from keras_coherence.quantization.export import run_tflite, tflite_output_step, to_tflite
+    from keras_coherence.quantization.export import _interpreter, run_tflite, tflite_output_step, to_tflite
     from keras_coherence.quantization.litert import litert_rounding
 
     (x, y), (xt, _) = data.load_dataset("embedded_mnist")
@@ -154,9 +154,8 @@ def main(argv=None):
     print("\nop by op: fraction of LiteRT's int8 outputs equal to each candidate requantization")
     print(f"{'kernels':10s} {'op':18s} {'ops':>4s} {'outputs':>9s} " + " ".join(f"{c:>15s}" for c in CANDIDATES))
     probe = xt[:100]  # every intermediate tensor is kept: a smaller batch
-    for kernels, resolver in RESOLVERS.items():
-        interp = Interpreter(model_content=tflite_model, experimental_preserve_all_tensors=True,
-                             experimental_op_resolver_type=getattr(OpResolverType, resolver))
+    for kernels in KERNEL_SETS:
+        interp = _interpreter(tflite_model, kernels, preserve_all_tensors=True)
         inp = interp.get_input_details()[0]
         interp.resize_tensor_input(inp["index"], probe.shape)
         interp.allocate_tensors()
@@ -169,7 +168,7 @@ def main(argv=None):
 
     print("\nwhole network: Keras vs LiteRT on the test images")
     plain = qat.predict(xt, batch_size=500, verbose=0)
-    for kernels in RESOLVERS:
+    for kernels in KERNEL_SETS:
         lite = run_tflite(tflite_model, xt, kernels=kernels)
         with litert_rounding(qat, kernels=kernels) as report:
             emulated = qat.predict(xt, batch_size=500, verbose=0)

@@ -125,7 +125,8 @@ def main(argv=None):
                    "seconds": time.perf_counter() - t0}
             rows.append(row)
             print(f"[{name}] {label}: Keras {row['keras']:.4f}, TFLite {row['tflite']:.4f} (agreement "
-                  f"{row['agreement']:.4f}; with LiteRT rounding {row['litert_agreement']}), flip rate {row['flip_rate']}, clip {row['clip_fraction']}, "
+                  f"{row['agreement']:.4f}; with LiteRT rounding {row['litert_agreement']}), "
+                  f"flip rate {row['flip_rate']}, clip {row['clip_fraction']}, "
                   f"step {row['step_ms']:.1f} ms, PO2 scales {row['po2_tensors']}, {row['seconds']:.0f} s",
                   flush=True)
             with open(os.path.join(args.out, "results.json"), "w") as f:
@@ -134,13 +135,14 @@ def main(argv=None):
             keras.backend.clear_session()
 
     fmt = lambda v, p="{:.4f}": "–" if v is None else p.format(v)  # noqa: E731
-    print("\n| model | method | float | Keras | TFLite | Keras↔TFLite | logit p99 (steps) | Keras (LiteRT rounding)↔TFLite "
-          "| its max logit steps | flip rate / step | clip | step ms | PO2 scales |")
+    print("\n| model | method | float | Keras | TFLite | Keras↔TFLite | logit p99 (steps) "
+          "| Keras (LiteRT rounding)↔TFLite | its max logit steps | flip rate / step | clip | step ms | PO2 scales |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['method']} | {r['float']:.4f} | {r['keras']:.4f} | {r['tflite']:.4f} | "
               f"{r['agreement']:.4f} | {fmt(r['logit_steps_p99'], '{:.1f}')} | {fmt(r['litert_agreement'])} | "
-              f"{fmt(r['litert_logit_steps_max'], '{:.1f}')} | {fmt(r['flip_rate'], '{:.2e}')} | {fmt(r['clip_fraction'], '{:.3f}')} | "
+              f"{fmt(r['litert_logit_steps_max'], '{:.1f}')} | {fmt(r['flip_rate'], '{:.2e}')} | "
+              f"{fmt(r['clip_fraction'], '{:.3f}')} | "
               f"{r['step_ms']:.1f} | {r['po2_tensors']} |")
     print(f"\nload average {os.getloadavg()[0]:.2f} at end; results in {os.path.join(args.out, 'results.json')}")
     return np.int64(0)

@@ -223,7 +223,9 @@ def _check_integer(tflite_model):
 _RESOLVERS = {"optimized": "BUILTIN_WITHOUT_DEFAULT_DELEGATES", "reference": "BUILTIN_REF"}
 
 
-def _interpreter(tflite_model, kernels="optimized"):
+def _interpreter(tflite_model, kernels="optimized", preserve_all_tensors=False):
+    """A LiteRT interpreter without delegates: ``kernels`` picks the optimized builtin
+    CPU kernels or the reference ones (``BUILTIN_REF``)."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
     if kernels not in _RESOLVERS:
@@ -231,6 +233,7 @@ def _interpreter(tflite_model, kernels="optimized"):
     return Interpreter(
         model_content=bytes(tflite_model),
         experimental_op_resolver_type=getattr(OpResolverType, _RESOLVERS[kernels]),
+        experimental_preserve_all_tensors=preserve_all_tensors,
     )
 
 

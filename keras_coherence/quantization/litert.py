@@ -316,16 +316,21 @@ def _inner_layer(layer):
     return getattr(layer, "layer", layer)
 
 
+def _inbound_layers(layer):
+    """The layers feeding ``layer``'s first node, as a list."""
+    inbound = layer.inbound_nodes[0].inbound_layers
+    return list(inbound) if isinstance(inbound, (list, tuple)) else [inbound]
+
+
 def _producer_vars(layer, elided=()):
     """Walk back from ``layer``'s input through pass-through layers (and layers the
     converter removes, ``elided``) to an output quantizer."""
     current = layer
     for _ in range(16):
-        inbound = current.inbound_nodes[0].inbound_layers
-        if isinstance(inbound, (list, tuple)):
-            if len(inbound) != 1:
-                return None
-            inbound = inbound[0]
+        inbound = _inbound_layers(current)
+        if len(inbound) != 1:
+            return None
+        inbound = inbound[0]
         found = None if inbound in elided else _output_vars(inbound)
         if found is not None:
             return found
@@ -358,12 +363,6 @@ class _Identity(_StandIn):
         return inputs
 
 
-def _consumers(model, layer):
-    return [other for other in model.layers
-            if any(layer in (n.inbound_layers if isinstance(n.inbound_layers, (list, tuple)) else [n.inbound_layers])
-                   for n in other.inbound_nodes)]
-
-
 @contextlib.contextmanager
 def litert_rounding(model, kernels="optimized"):
     """Within the block, ``model``'s inference rounds like LiteRT (see the module doc).
@@ -385,7 +384,7 @@ def litert_rounding(model, kernels="optimized"):
     """
     from tensorflow_model_optimization.python.core.quantization.keras import quantize_layer
 
-    from keras_coherence.quantization.qat import _fused_relu, quantized_kernels
+    from keras_coherence.quantization.qat import _consumer_layers, _fused_relu, quantized_kernels
 
     if kernels not in KERNELS:
         raise ValueError(f"kernels={kernels!r}: expected one of {sorted(KERNELS)}")
@@ -393,6 +392,7 @@ def litert_rounding(model, kernels="optimized"):
     restore: List = []
     report: Dict = {"patched": [], "skipped": {}}
     elided = {layer for layer in model.layers if _identity_mean(layer) and getattr(layer, "_output_quantizers", None)}
+    consumers = _consumer_layers(model)
     try:
         for layer in elided:
             _bypass_output_quantizer(layer, restore)
@@ -415,7 +415,7 @@ def litert_rounding(model, kernels="optimized"):
                 act.quantizer = _Requantizer(act.quantizer, input_vars, k, rounding[k.quantizer.layout],
                                              bias_input_vars=bias_input_vars)
             else:
-                users = _consumers(model, wrapper)
+                users = consumers[wrapper.name][0]
                 user = users[0] if len(users) == 1 else None
                 if user is None or not getattr(user, "_output_quantizers", None) or not _fused_relu(_inner_layer(user)):
                     report["skipped"][name] = "output not quantized by one fused ReLU"
@@ -434,8 +434,7 @@ def litert_rounding(model, kernels="optimized"):
             inner = _inner_layer(wrapper)
             if type(inner) is not keras.layers.Add or _output_vars(wrapper) is None:
                 continue
-            inbound = wrapper.inbound_nodes[0].inbound_layers
-            input_vars = [_output_vars(layer) for layer in (inbound if isinstance(inbound, (list, tuple)) else [])]
+            input_vars = [_output_vars(layer) for layer in _inbound_layers(wrapper)]
             if len(input_vars) != 2 or any(v is None for v in input_vars):
                 report["skipped"][wrapper.name] = "ADD inputs not both from quantizers"
                 continue
