@@ -16,7 +16,11 @@ def _parser():
     t.add_argument("--epochs", type=int, default=1, help="total epochs (a resumed run continues to this)")
     t.add_argument("--batch-size", type=int, default=100, help="the last partial batch of an epoch is dropped")
     t.add_argument("--checkpoint-dir", help="write the weights to epoch_NNNN.npz here after every epoch")
-    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --checkpoint-dir")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from the newest usable checkpoint in --checkpoint-dir (a newer unreadable or "
+                        "non-matching one is skipped with a warning)")
+    t.add_argument("--keep", type=int, default=3,
+                   help="keep only the newest N checkpoints in --checkpoint-dir (default 3; N >= 1)")
     t.add_argument("--seed", type=int, default=0, help="shuffling seed (the order depends on seed and epoch)")
     t.add_argument("--loss-log", help="append one 'epoch,step,loss' line per step to this file")
     t.add_argument("--threads", type=int, default=None, help="interpreter threads")
@@ -39,7 +43,7 @@ def main(argv=None):
             summary = runner.train(args.model, args.data, args.epochs, args.batch_size,
                                    checkpoint_dir=args.checkpoint_dir, resume=args.resume, seed=args.seed,
                                    loss_log=args.loss_log, num_threads=args.threads,
-                                   progress=not args.no_progress)
+                                   progress=not args.no_progress, keep=args.keep)
         else:
             summary, logits = runner.infer(args.model, args.data, args.batch_size, weights=args.weights,
                                            num_threads=args.threads)
@@ -48,7 +52,8 @@ def main(argv=None):
 
                 np.savez(args.out, logits=logits)
     except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        # one line, no traceback: these are bad input (files, options) or a diverged run
+        print("error: " + " ".join(str(err).split()), file=sys.stderr)
         return 2
     print(json.dumps(summary))
     return 0
