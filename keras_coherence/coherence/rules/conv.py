@@ -165,7 +165,9 @@ class ConvRule(LayerRule):
             ste = None if ste is None else ste[None]
         ks, st, dl = _spatial_2d(layer)
         xp = _pad_input(layer, a, ks, st, dl)
-        z = tf.nn.conv2d(xp, kernel, strides=[1, *st, 1], padding="VALID", dilations=[1, *dl, 1])
+        # tf.nn.convolution (what Keras calls) lowers dilation to SpaceToBatchND + conv;
+        # a dilated raw Conv2D has no input-gradient kernel on CPUs without oneDNN.
+        z = tf.nn.convolution(xp, kernel, strides=st, padding="VALID", dilations=dl)
         if layer.use_bias:
             z = tf.nn.bias_add(z, layer.bias)
         out = z[:, 0] if layer.rank == 1 else z
