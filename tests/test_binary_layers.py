@@ -1,17 +1,22 @@
 """Low-memory binary layers: gradients against independent references, models, fit."""
+import json
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
 
-import keras_coherence as kc
+import keras_coherence as kc  # first: it selects Keras 2 (tf_keras) for larq
+import larq as lq  # noqa: E402  (a required dependency)
 from keras_coherence.binary import config as C
 from keras_coherence.binary import layers as bl
 from keras_coherence.binary import models as bm
 from keras_coherence.binary import ops
 
 tf, keras = kc.tf, kc.keras
-lq = pytest.importorskip("larq")
 
 OFF = C.LowMemoryConfig(binary_activation_retention=False, l1_batchnorm=False,
                         binarize_weight_grads=False, activation_grad="float32",
@@ -168,6 +173,112 @@ def test_conv_everything_off_equals_ste_autodiff(size, k, stride, padding, first
                   x, w)
     for a, b in zip(ours, _grads(ref, x, w)):
         np.testing.assert_allclose(a, b, atol=2e-5)
+
+
+@pytest.mark.parametrize("size,k,dilation,padding", [
+    (9, 3, 2, "VALID"), (9, 3, 2, "SAME"), (10, 2, 3, "SAME"), (11, 3, (2, 3), "VALID")])
+@pytest.mark.parametrize("first_layer", [False, True])
+def test_dilated_conv_equals_ste_autodiff(size, k, dilation, padding, first_layer):
+    """Atrous convolutions: forward and both gradients equal autodiff of larq's SteSign
+    formulation through ``tf.nn.convolution`` (what Keras's dilated Conv2D runs)."""
+    x = _rng(0).normal(size=(2, size, size, 3)) * 1.5
+    w = _rng(1).normal(size=(k, k, 3, 4)) * 0.9
+
+    def ref(a, b):
+        aq = a if first_layer else lq.quantizers.SteSign()(a)
+        return tf.nn.convolution(aq, lq.quantizers.SteSign()(b), padding=padding,
+                                 dilations=dilation)
+
+    ours = _grads(lambda a, b: ops.binary_conv2d(a, b, 1, padding, OFF, first_layer,
+                                                 dilations=dilation), x, w)
+    for a, b in zip(ours, _grads(ref, x, w)):
+        np.testing.assert_allclose(a, b, atol=2e-5)
+
+
+def _conv_dilations_in_gradient_graph(layer, shape):
+    """``{op type: dilations}`` of every Conv2D-family node of one training step."""
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(layer(x) ** 2)
+        return tape.gradient(loss, [x] + layer.trainable_variables)
+
+    graph = step.get_concrete_function(tf.TensorSpec(shape, tf.float32)).graph
+    nodes = [(op.type, op.node_def) for op in graph.get_operations()]
+    for fn in graph._functions.values():
+        nodes += [(n.op, n) for n in fn.definition.node_def]
+    return [(kind, list(node.attr["dilations"].list.i)) for kind, node in nodes
+            if kind.startswith("Conv2D")]
+
+
+@pytest.mark.parametrize("strides,dilation", [(2, 1), (1, 2)])
+def test_no_dilated_conv2d_kernel_in_forward_or_backward(strides, dilation):
+    """Without oneDNN, TF's CPU Conv2D / Conv2DBackpropInput kernels have no dilation on
+    CPUs without AVX-512: every conv node of a strided (its filter gradient dilates by the
+    stride) or atrous BinaryConv2D step must have dilations 1 (``tf.nn.convolution`` does
+    the dilation with SpaceToBatchND / BatchToSpaceND)."""
+    layer = bl.BinaryConv2D(4, 3, strides=strides, dilation_rate=dilation, padding="same")
+    convs = _conv_dilations_in_gradient_graph(layer, (2, 9, 9, 3))
+    assert convs, "no convolution traced"
+    assert all(d == [1, 1, 1, 1] for _, d in convs), convs
+
+
+_NO_ONEDNN_SCRIPT = textwrap.dedent("""
+    import json
+    import numpy as np
+    import larq as lq
+    from keras_coherence._keras import tf
+    from keras_coherence.binary import config as C, ops
+    off = C.LowMemoryConfig(binary_activation_retention=False, l1_batchnorm=False,
+                            binarize_weight_grads=False, activation_grad="float32",
+                            latent_weights="float32")
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(size=(2, 9, 9, 3)) * 1.5, tf.float32)
+    w0 = rng.normal(size=(3, 3, 3, 4)).astype("float32") * 0.9
+    out = {}
+    for name, stride, dilation in (("strided", 2, 1), ("dilated", 1, 2)):
+        results = []
+        for fn in (lambda a, b: ops.binary_conv2d(a, b, stride, "SAME", off, dilations=dilation),
+                   lambda a, b: tf.nn.convolution(lq.quantizers.SteSign()(a),
+                                                  lq.quantizers.SteSign()(b), strides=stride,
+                                                  padding="SAME", dilations=dilation)):
+            w = tf.Variable(w0)
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = fn(x, w)
+                loss = tf.reduce_sum(y * tf.sin(y))
+            results.append([y.numpy()] + [g.numpy() for g in tape.gradient(loss, [x, w])])
+        out[name] = max(float(np.abs(a - b).max()) for a, b in zip(*results))
+    print(json.dumps(out))
+""")
+
+
+def test_strided_and_dilated_gradients_without_onednn():
+    """The same gradients with TF_ENABLE_ONEDNN_OPTS=0 (read when TensorFlow is imported,
+    hence a fresh process): TF's plain Eigen kernels, as on CPUs without AVX-512."""
+    env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="0", TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run([sys.executable, "-c", _NO_ONEDNN_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    diffs = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(diffs) == {"strided", "dilated"}
+    assert max(diffs.values()) < 1e-4, diffs
+
+
+def test_binary_conv_dilation_rate_shapes_config_and_errors():
+    layer = bl.BinaryConv2D(4, 3, dilation_rate=2, padding="valid")
+    assert layer(tf.zeros((1, 9, 9, 2))).shape == (1, 5, 5, 4)         # 9 - (3-1)*2
+    assert layer.compute_output_shape((1, 9, 9, 2)) == (1, 5, 5, 4)
+    clone = bl.BinaryConv2D.from_config(layer.get_config())
+    assert clone.dilation_rate == (2, 2) and clone.get_config() == layer.get_config()
+    with pytest.raises(ValueError, match="not both"):
+        bl.BinaryConv2D(4, 3, strides=2, dilation_rate=2)
+    with pytest.raises(ValueError, match="dilation_rate=0"):
+        bl.BinaryConv2D(4, 3, dilation_rate=0)
+    with pytest.raises(ValueError, match="not both"):
+        ops.binary_conv2d(tf.zeros((1, 9, 9, 2)), tf.zeros((3, 3, 2, 4)), 2, "SAME", OFF,
+                          dilations=2)
 
 
 def test_conv_low_memory_weight_grad_is_binarized():

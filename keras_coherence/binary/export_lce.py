@@ -52,9 +52,10 @@ def _latent(layer, values):
 
 
 def _quant_conv(filters, kernel_size, name, input_quantizer, kernel_quantizer="ste_sign", strides=1,
-                padding="valid", use_bias=False):
+                padding="valid", use_bias=False, dilation_rate=1):
     return _larq().layers.QuantConv2D(
         filters, kernel_size, strides=strides, padding=padding, use_bias=use_bias,
+        dilation_rate=dilation_rate,
         input_quantizer=input_quantizer, kernel_quantizer=kernel_quantizer,
         kernel_constraint="weight_clip", name=name)
 
@@ -93,7 +94,7 @@ def _inference_layer(layer):
     if isinstance(layer, bl.BinaryConv2D):
         conv = _quant_conv(layer.filters, layer.kernel_size, layer.name,
                            None if layer.first_layer else "ste_sign", strides=layer.strides,
-                           padding=layer.padding)
+                           padding=layer.padding, dilation_rate=layer.dilation_rate)
         return conv, lambda: conv.set_weights(_latent(layer, layer.get_weights()))
     if isinstance(layer, bl.L1BatchNormalization):
         # (x - mu) / sigma + beta == gamma (x - mu) / sqrt(var + eps) + beta, gamma = 1/sigma, var = 1 - eps

@@ -124,14 +124,15 @@ class BinaryConv2D(_BinaryLayer):
     """Binary 2-D convolution (NHWC): ``conv2d(sign(x), sign(clip(W)))``, no bias.
 
     Zero padding (``"same"``) pads the *binarized* input with zeros, as larq's default
-    ``pad_values=0``.
+    ``pad_values=0``. ``dilation_rate > 1`` (atrous) needs ``strides == 1``, as Keras's
+    ``Conv2D``.
 
     >>> BinaryConv2D(8, 3, padding="same")(tf.ones((1, 5, 5, 2))).shape
     TensorShape([1, 5, 5, 8])
     """
 
     def __init__(self, filters, kernel_size, strides=1, padding="valid", first_layer=False,
-                 method="low_memory", kernel_initializer=None, **kwargs):
+                 method="low_memory", kernel_initializer=None, dilation_rate=1, **kwargs):
         super().__init__(first_layer, method, kernel_initializer, **kwargs)
         if isinstance(filters, bool) or not isinstance(filters, int) or filters < 1:
             raise ValueError(f"filters={filters!r} must be a positive integer.")
@@ -140,6 +141,12 @@ class BinaryConv2D(_BinaryLayer):
         self.strides = ops._pair(strides)
         if min(self.kernel_size) < 1 or min(self.strides) < 1:
             raise ValueError(f"kernel_size={kernel_size!r} and strides={strides!r} must be >= 1.")
+        self.dilation_rate = ops._pair(dilation_rate)
+        if min(self.dilation_rate) < 1:
+            raise ValueError(f"dilation_rate={dilation_rate!r} must be >= 1.")
+        if self.strides != (1, 1) and self.dilation_rate != (1, 1):
+            raise ValueError(f"strides={strides!r} with dilation_rate={dilation_rate!r}: use "
+                             "strides > 1 or dilation_rate > 1, not both (as Keras's Conv2D).")
         if not isinstance(padding, str) or padding.lower() not in ("valid", "same"):
             raise ValueError(f"padding={padding!r} must be 'valid' or 'same'.")
         self.padding = padding.lower()
@@ -151,21 +158,22 @@ class BinaryConv2D(_BinaryLayer):
 
     def call(self, inputs):
         return ops.binary_conv2d(inputs, self.kernel, self.strides, self.padding,
-                                 self.config, self.first_layer)
+                                 self.config, self.first_layer, self.dilation_rate)
 
     def compute_output_shape(self, input_shape):
         n, h, w, _ = tf.TensorShape(input_shape).as_list()
+        kh, kw = ((k - 1) * d + 1 for k, d in zip(self.kernel_size, self.dilation_rate))
         if self.padding == "same":
             h, w = -(-h // self.strides[0]), -(-w // self.strides[1])
         else:
-            h = (h - self.kernel_size[0]) // self.strides[0] + 1
-            w = (w - self.kernel_size[1]) // self.strides[1] + 1
+            h = (h - kh) // self.strides[0] + 1
+            w = (w - kw) // self.strides[1] + 1
         return tf.TensorShape([n, h, w, self.filters])
 
     def get_config(self):
         config = super().get_config()
         config.update(filters=self.filters, kernel_size=self.kernel_size, strides=self.strides,
-                      padding=self.padding)
+                      padding=self.padding, dilation_rate=self.dilation_rate)
         return config
 
 

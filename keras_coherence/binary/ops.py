@@ -198,51 +198,88 @@ def _explicit_padding(x_shape, ksize, strides, padding):
             same_padding(int(x_shape[2]), ksize[1], strides[1]))
 
 
-def conv_filter_grad(x, dz, ksize: Sequence[int], strides: Sequence[int], padding: str):
-    """Kernel gradient of ``conv2d(x, W, strides, padding)`` as one forward ``conv2d``.
+def conv_filter_grad(x, dz, ksize: Sequence[int], strides: Sequence[int], padding: str,
+                     dilations: Sequence[int] = (1, 1)):
+    """Kernel gradient of ``conv2d(x, W, strides, padding, dilations)`` as one forward
+    convolution.
 
     The batch becomes the contraction (channel) axis: ``x`` transposed to
     ``[Cin, H, W, N]`` is convolved with ``dz`` transposed to ``[Ho, Wo, N, Cout]``,
-    dilated by the stride, and the ``[kh, kw]`` corner is kept -- no
-    ``Conv2DBackpropFilter`` (a Flex op in TFLite).
+    dilated by the stride (kernel tap ``i`` meets input row ``stride*o + dilation*i``, so
+    a dilated kernel samples that correlation with step ``dilation``), and the
+    ``[kh, kw]`` corner is kept -- no ``Conv2DBackpropFilter`` (a Flex op in TFLite).
+    The stride dilation goes through ``tf.nn.convolution`` (``SpaceToBatchND`` + conv +
+    ``BatchToSpaceND``, as Keras's ``Conv2D`` does): TensorFlow's non-oneDNN CPU
+    ``Conv2D`` kernel has no dilation on CPUs without AVX-512.
     """
     kh, kw = ksize
-    (pt, pb), (pl, pr) = _explicit_padding(x.shape, ksize, strides, padding)
+    strides, dilations = tuple(strides), tuple(dilations)
+    if strides != (1, 1) and dilations != (1, 1):
+        raise ValueError(f"strides={strides} with dilations={dilations}: a convolution takes "
+                         "strides > 1 or dilations > 1, not both.")
+    (pt, pb), (pl, pr) = _explicit_padding(x.shape, _dilated_size(ksize, dilations), strides,
+                                           padding)
     if pt or pb or pl or pr:
         x = tf.pad(x, [[0, 0], [pt, pb], [pl, pr], [0, 0]])
     xt = tf.transpose(x, [3, 1, 2, 0])
     dzt = tf.transpose(dz, [1, 2, 0, 3])
-    out = tf.nn.conv2d(xt, dzt, strides=1, padding="VALID", dilations=list(strides))
+    if strides != (1, 1):
+        out = tf.nn.convolution(xt, dzt, strides=1, padding="VALID", dilations=list(strides))
+    else:  # taps ``dilation`` apart: a strided correlation (exactly kh x kw outputs)
+        out = tf.nn.convolution(xt, dzt, strides=list(dilations), padding="VALID")
     out = out[:, :kh, :kw, :]
     return tf.transpose(out, [1, 2, 0, 3])
 
 
-def conv_input_grad(dz, kernel, x_shape, strides: Sequence[int], padding: str):
-    """Input gradient of ``conv2d(x, kernel, strides, padding)``.
+def _dilated_size(ksize, dilations):
+    """The extent ``(k - 1) * d + 1`` of a dilated kernel along each axis."""
+    return tuple((int(k) - 1) * int(d) + 1 for k, d in zip(ksize, dilations))
 
-    Stride 1: a ``conv2d`` of the zero-padded ``dz`` with the spatially reversed,
-    in/out-transposed kernel (``CONV_2D`` in TFLite). Larger strides:
-    ``conv2d_transpose`` (``TRANSPOSE_CONV``).
+
+def conv_input_grad(dz, kernel, x_shape, strides: Sequence[int], padding: str,
+                    dilations: Sequence[int] = (1, 1)):
+    """Input gradient of ``conv2d(x, kernel, strides, padding, dilations)``.
+
+    Stride 1: a convolution of the zero-padded ``dz`` with the spatially reversed,
+    in/out-transposed kernel, dilated as the forward one (``CONV_2D`` in TFLite; the
+    dilation through ``tf.nn.convolution``, see :func:`conv_filter_grad`). Larger
+    strides (no dilation): ``conv2d_transpose`` (``TRANSPOSE_CONV``).
     """
     kh, kw = int(kernel.shape[0]), int(kernel.shape[1])
+    dilations = tuple(dilations)
     if tuple(strides) != (1, 1):
+        if dilations != (1, 1):
+            raise ValueError(f"strides={tuple(strides)} with dilations={dilations}: a "
+                             "convolution takes strides > 1 or dilations > 1, not both.")
         out_shape = tf.concat([tf.shape(dz)[:1], tf.constant([int(d) for d in x_shape[1:]])], 0)
         return tf.nn.conv2d_transpose(dz, kernel, out_shape, strides=list(strides),
                                       padding=padding)
-    (pt, pb), (pl, pr) = _explicit_padding(x_shape, (kh, kw), strides, padding)
-    dz = tf.pad(dz, [[0, 0], [kh - 1 - pt, kh - 1 - pb], [kw - 1 - pl, kw - 1 - pr], [0, 0]])
+    eh, ew = _dilated_size((kh, kw), dilations)
+    (pt, pb), (pl, pr) = _explicit_padding(x_shape, (eh, ew), strides, padding)
+    dz = tf.pad(dz, [[0, 0], [eh - 1 - pt, eh - 1 - pb], [ew - 1 - pl, ew - 1 - pr], [0, 0]])
     flipped = tf.transpose(tf.reverse(kernel, [0, 1]), [0, 1, 3, 2])
-    return tf.nn.conv2d(dz, flipped, strides=1, padding="VALID")
+    return tf.nn.convolution(dz, flipped, strides=1, padding="VALID", dilations=list(dilations))
 
 
 def binary_conv2d(x, kernel, strides=(1, 1), padding="VALID",
-                  config: LowMemoryConfig = None, first_layer: bool = False):
+                  config: LowMemoryConfig = None, first_layer: bool = False,
+                  dilations=(1, 1)):
     """``conv2d(sign(x), sign(clip(kernel)))`` (real ``x`` for a first layer), with the
-    low-memory backward of :func:`binary_matmul` written with forward convolutions."""
+    low-memory backward of :func:`binary_matmul` written with forward convolutions.
+
+    ``dilations > 1`` (atrous) needs ``strides == 1``, as Keras's ``Conv2D``; forward and
+    backward go through ``tf.nn.convolution``, which runs on every CPU.
+    """
     strides = _pair(strides)
+    dilations = _pair(dilations)
     padding = padding.upper()
     if padding not in ("VALID", "SAME"):
         raise ValueError(f"padding={padding!r} must be 'valid' or 'same'.")
+    if min(dilations) < 1:
+        raise ValueError(f"dilations={dilations} must be >= 1.")
+    if strides != (1, 1) and dilations != (1, 1):
+        raise ValueError(f"strides={strides} with dilations={dilations}: a convolution takes "
+                         "strides > 1 or dilations > 1, not both (as Keras's Conv2D).")
     w_latent = latent_weight(tf.convert_to_tensor(kernel), config)
     x_shape = x.shape
 
@@ -250,15 +287,16 @@ def binary_conv2d(x, kernel, strides=(1, 1), padding="VALID",
     def _op(x, w):
         wb = binary_sign(w)
         x_fwd, restore = _saved_input(x, config, first_layer)
-        z = tf.nn.conv2d(x_fwd, wb, strides=list(strides), padding=padding)
+        z = tf.nn.convolution(x_fwd, wb, strides=list(strides), padding=padding,
+                              dilations=list(dilations))
 
         def grad(dz):
             dz = round_gradient(dz, config)
             x_saved, mask = restore()
-            dx = conv_input_grad(dz, wb, x_shape, strides, padding)
+            dx = conv_input_grad(dz, wb, x_shape, strides, padding, dilations)
             if mask is not None:
                 dx = dx * mask
-            dw = conv_filter_grad(x_saved, dz, wb.shape[:2], strides, padding)
+            dw = conv_filter_grad(x_saved, dz, wb.shape[:2], strides, padding, dilations)
             return dx, _kernel_grad(dw, w, config)
 
         return z, grad
