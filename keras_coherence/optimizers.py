@@ -9,7 +9,7 @@ The ring buffer of past gradients is made of optimizer variables, so checkpoints
 from __future__ import annotations
 
 from keras_coherence._keras import keras, tf
-from keras_coherence.aggregation.aggregators import coordinate_median
+from keras_coherence.aggregation.aggregators import coordinate_median, integer_arg
 
 def _xla_available():
     from tf_keras.src.utils import tf_utils  # Keras's own platform check
@@ -68,8 +68,7 @@ class RunningMedian(keras.optimizers.Optimizer):
             raise TypeError(
                 f"RunningMedian wraps a Keras 2 optimizer (tf_keras.optimizers.Optimizer), got "
                 f"{type(self.inner).__name__}; legacy optimizers are not supported.")
-        if int(window) != window or window < 1:
-            raise ValueError(f"window must be a positive integer, got {window!r}.")
+        window = integer_arg(window, "RunningMedian", "window", 1)
         if reduction not in ("median", "mean"):
             raise ValueError(f"reduction must be 'median' or 'mean', got {reduction!r}.")
         momentum = _momentum_of(self.inner)
@@ -96,14 +95,32 @@ class RunningMedian(keras.optimizers.Optimizer):
         return self.inner.learning_rate
 
     def build(self, var_list):
-        super().build(var_list)
-        if getattr(self, "_ring_built", False):
+        if getattr(self, "_built", False):
+            self._check_owns(self, var_list)
             return
+        if getattr(self.inner, "_built", False):
+            self._check_owns(self.inner, var_list)
+        super().build(var_list)
         self.inner.build(var_list)
         self._rings = [
             self.add_variable_from_reference(v, "ring", shape=[self.window, *v.shape]) for v in var_list
         ]
-        self._ring_built = True
+        # Keras's flag for "built" (set_weights, as used by .h5 loading, needs it).
+        self._built = True
+
+    def _check_owns(self, optimizer, var_list):
+        """A clear error, instead of a bare KeyError, for variables ``optimizer`` (this one
+        or its inner optimizer) was not built for: one instance used by two models."""
+        foreign = [v.name for v in var_list if optimizer._var_key(v) not in optimizer._index_dict]
+        if not foreign:
+            return
+        which = "This RunningMedian" if optimizer is self else \
+            f"The inner optimizer {type(optimizer).__name__} of this RunningMedian"
+        raise ValueError(
+            f"{which} was built for other variables (another model's), not for {foreign[0]!r}: "
+            "create one optimizer per model -- a new RunningMedian(...) with a new inner optimizer "
+            "for each model you compile -- and compile again with a new optimizer after changing "
+            "which weights are trainable.")
 
     def update_step(self, gradient, variable):
         ring = self._rings[self._index_dict[self._var_key(variable)]]
@@ -148,7 +165,38 @@ class RunningMedian(keras.optimizers.Optimizer):
 
     @property
     def variables(self):
-        return list(self._variables) + list(self.inner.variables)
+        # The inner optimizer's step counter is left out: it is derived (set from
+        # ``iterations`` before every update), and as a second variable named
+        # "iteration" it would make the .h5 format fail (names must be unique).
+        return list(self._variables) + list(self.inner.variables)[1:]
+
+    def set_weights(self, weights):
+        """Set the ring buffer, step counter and inner optimizer's state from values in
+        the order of :attr:`variables` (as ``.h5`` loading does)."""
+        variables = self.variables
+        if not getattr(self, "_built", False):
+            raise ValueError("RunningMedian.set_weights needs a built optimizer: call "
+                             "optimizer.build(model.trainable_variables) first.")
+        if len(weights) != len(variables):
+            raise ValueError(f"RunningMedian.set_weights got {len(weights)} values for {len(variables)} "
+                             "variables (ring buffer, step counter, inner optimizer's slots); they must "
+                             "come from the same kind of optimizer on the same model.")
+        for variable, weight in zip(variables, weights):
+            if tuple(variable.shape) != tuple(weight.shape):
+                raise ValueError(f"RunningMedian.set_weights: {variable.name} has shape "
+                                 f"{tuple(variable.shape)}, got a value of shape {tuple(weight.shape)}.")
+            variable.assign(weight)
+
+    def load_own_variables(self, store):
+        # .keras files written before the inner step counter left `variables` hold it
+        # right after this optimizer's own variables: skip it.
+        if len(store.keys()) == len(self.variables) + 1 and len(self.inner.variables) > 0:
+            own = len(self._variables)
+            values = [store[str(i)] for i in range(len(store.keys())) if i != own]
+            for variable, value in zip(self.variables, values):
+                variable.assign(value)
+            return
+        super().load_own_variables(store)
 
     def get_config(self):
         config = super().get_config()

@@ -16,6 +16,7 @@ Strings work too: ``get("winsorized:c=4")``, ``get("m3")``, ``get("mean")``.
 from __future__ import annotations
 
 import functools
+import re
 from typing import Optional
 
 import numpy as np
@@ -25,6 +26,58 @@ from keras_coherence._keras import tf
 
 def _in_replica_context():
     return tf.distribute.has_strategy() and tf.distribute.in_cross_replica_context() is False
+
+
+def integer_arg(value, owner, name, minimum):
+    """``value`` as an ``int`` if it is a whole number ``>= minimum`` (an int, or a
+    float / NumPy number with a whole value), else a ValueError naming ``owner``'s
+    argument ``name``: NaN, infinities, fractions, booleans and strings are refused."""
+    kind = "a non-negative integer" if minimum == 0 else "a positive integer"
+    number = (not isinstance(value, (bool, np.bool_))
+              and isinstance(value, (int, float, np.integer, np.floating)))
+    if not number or not np.isfinite(value) or int(value) != value or value < minimum:
+        raise ValueError(f"{owner} {name} must be {kind}, got {value!r}.")
+    return int(value)
+
+
+def static_size(value):
+    """A batch size as a Python int when it is known while tracing, else None."""
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    static = tf.get_static_value(value)
+    return None if static is None else int(static)
+
+
+# The first and last parts of a too-small-batch message; the batch size goes between
+# them. A batch whose size is known only at run time is checked by tf.debugging.Assert,
+# which prints its data as "[first] [size] [last]": batch_error() turns that back into
+# this sentence (AggregatedModel re-raises it as a ValueError from fit/train_on_batch).
+_SHORT_LAST_BATCH = (" If only the last batch of an epoch is this short, pick a batch size that "
+                     "divides the number of examples, or drop the remainder "
+                     "(tf.data: .batch(batch_size, drop_remainder=True)).")
+
+
+def batch_check(ok, first, size, last):
+    """An op asserting ``ok`` at run time with the message ``first size last``."""
+    return tf.debugging.Assert(ok, [first, size, last + _SHORT_LAST_BATCH])
+
+
+def batch_error(err) -> Optional[str]:
+    """The sentence of a failed :func:`batch_check` in ``err``'s message, else None."""
+    found = re.search(r"assertion failed: \[((?:Winsorized|MedianOfMeans)\(.*?)\] \[(\d+)\] \[(.*?)\]\s*$",
+                      str(err), re.M)
+    if found is None:
+        return None
+    return f"{found.group(1)} {found.group(2)}{found.group(3)}"
+
+
+def _after(checks, *tensors):
+    """``tensors`` made to wait for the ``checks`` ops (none: unchanged), so that a
+    failed check is the error reported, not a later op's error on the bad batch."""
+    if not checks:
+        return tensors
+    with tf.control_dependencies(checks):
+        return tuple(tf.identity(t) for t in tensors)
 
 
 class Aggregator:
@@ -69,6 +122,10 @@ class Winsorized(Aggregator):
     the batch's per-example values to the (c+1)-th largest / smallest, then sum.
 
     ``c = 0`` is plain gradient descent; ``c`` must be smaller than half the batch.
+    A batch of ``B <= 2c`` examples is refused: with a ValueError when ``B`` is known
+    while tracing, else by a run-time check, which ``fit`` and ``train_on_batch`` of an
+    :class:`~keras_coherence.aggregation.AggregatedModel` re-raise as the same
+    ValueError (e.g. for a short last batch).
     ``percentile=p`` instead takes ``c = round(p/100 * (B - 1))`` per batch -- the
     nearest-rank percentiles ``p`` and ``100 - p`` of the ICLR 2020 code.
 
@@ -102,30 +159,58 @@ class Winsorized(Aggregator):
     def __init__(self, c: Optional[int] = None, percentile: Optional[float] = None):
         if (c is None) == (percentile is None):
             raise ValueError("Winsorized needs exactly one of c (a count) or percentile.")
-        if c is not None and (int(c) != c or c < 0):
-            raise ValueError(f"Winsorized c must be a non-negative integer, got {c!r}.")
-        if percentile is not None and not 0 <= percentile < 50:
-            raise ValueError(f"Winsorized percentile must be in [0, 50), got {percentile!r}.")
-        self.c = None if c is None else int(c)
+        if c is not None:
+            c = integer_arg(c, "Winsorized", "c", 0)
+        if percentile is not None:
+            number = (not isinstance(percentile, (bool, np.bool_))
+                      and isinstance(percentile, (int, float, np.integer, np.floating)))
+            if not number or not np.isfinite(percentile) or not 0 <= percentile < 50:
+                raise ValueError(f"Winsorized percentile must be a number in [0, 50), got {percentile!r}.")
+            if np.float32(percentile / 100.0) >= 0.5:  # c is computed in float32
+                raise ValueError(f"Winsorized percentile {percentile!r} is 50 in float32; use a "
+                                 "percentile below 49.99999.")
+        self.c = c
         self.percentile = percentile
 
     def get_config(self):
         return {"c": self.c} if self.c is not None else {"percentile": self.percentile}
 
-    def count(self, batch):
-        """``c`` for a (global) batch of ``batch`` examples, checked against it."""
+    def _static_count(self, batch):
+        """``c`` for a batch of ``batch`` examples (a Python int), as :meth:`count`."""
+        if self.c is not None:
+            return self.c
+        # float32 product, round half to even, as count() computes it at run time
+        return int(np.round(np.float32(self.percentile / 100.0) * np.float32(batch - 1)))
+
+    def _too_few(self, c):
+        """The start of the message for a batch too small for ``c`` (the batch size follows)."""
+        form = f"c={self.c}" if self.c is not None else f"percentile={self.percentile}, i.e. c={c}"
+        return f"Winsorized({form}) needs more than {2 * c} examples per batch, got"
+
+    def checked_count(self, batch):
+        """``(c, checks)`` for a (global) batch of ``batch`` examples: ``c`` as a tensor
+        and the run-time checks (ops) that the batch holds more than ``2 c`` examples.
+        A batch size known while tracing is checked at once (a ValueError)."""
+        static_batch = static_size(batch)
+        if static_batch is not None:
+            c = self._static_count(static_batch)
+            if 2 * c >= static_batch:
+                raise ValueError(f"{self._too_few(c)} {static_batch}: use a smaller c or a larger batch.")
+            return tf.constant(c, tf.int32), []
+        batch = tf.cast(batch, tf.int32)
         if self.c is not None:
             c = tf.constant(self.c, tf.int32)
+            first = self._too_few(self.c)
         else:
             c = tf.cast(tf.math.round(self.percentile / 100.0 * tf.cast(batch - 1, tf.float32)), tf.int32)
-        static_batch = tf.get_static_value(batch)
-        if static_batch is not None and self.c is not None and 2 * self.c >= static_batch:
-            raise ValueError(
-                f"Winsorized(c={self.c}) needs more than {2 * self.c} examples per batch, got "
-                f"{static_batch}: use a smaller c or a larger batch.")
-        tf.debugging.assert_less(2 * c, tf.cast(batch, tf.int32), message=(
-            "Winsorized: c must be smaller than half the batch; use a smaller c or a larger batch."))
-        return c
+            first = f"Winsorized(percentile={self.percentile}) needs a batch with 2c < its size, got"
+        return c, [batch_check(2 * c < batch, first, batch, ": use a smaller c or a larger batch.")]
+
+    def count(self, batch):
+        """``c`` for a (global) batch of ``batch`` examples, checked against it (see
+        :meth:`checked_count`); the returned tensor waits for the run-time check."""
+        c, checks = self.checked_count(batch)
+        return _after(checks, c)[0]
 
     def _network_c(self, batch, dtype):
         """``c`` as a Python int when the selection network applies, else None."""
@@ -133,16 +218,19 @@ class Winsorized(Aggregator):
             return None
         c = self.c
         if c is None:  # percentile: c follows the batch, so it must be known now
-            static_batch = tf.get_static_value(batch)
+            static_batch = static_size(batch)
             if static_batch is None:
                 return None
-            # as count() computes it: float32 product, round half to even
-            c = int(np.round(np.float32(self.percentile / 100.0) * np.float32(int(static_batch) - 1)))
+            c = self._static_count(static_batch)
         return c if c + 1 <= _NETWORK_MAX_K else None
 
     def reduce(self, per_example, global_batch=None):
-        batch = tf.shape(per_example)[0] if global_batch is None else global_batch
-        c = self.count(batch)
+        per_example = tf.convert_to_tensor(per_example)
+        batch = global_batch
+        if batch is None:
+            batch = per_example.shape[0] if per_example.shape[0] is not None else tf.shape(per_example)[0]
+        c, checks = self.checked_count(batch)
+        per_example, c = _after(checks, per_example, c)
         static_c = self._network_c(batch, per_example.dtype)
         if static_c is not None:
             rows = per_example.shape[0] if per_example.shape[0] is not None else tf.shape(per_example)[0]
@@ -166,8 +254,11 @@ class Winsorized(Aggregator):
           10.0
         """
         a, dz = tf.convert_to_tensor(a), tf.convert_to_tensor(dz)
-        batch = tf.shape(a)[0] if global_batch is None else global_batch
-        c = self.count(batch)
+        batch = global_batch
+        if batch is None:
+            batch = a.shape[0] if a.shape[0] is not None else tf.shape(a)[0]
+        c, checks = self.checked_count(batch)
+        a, dz, c = _after(checks, a, dz, c)
         static_c = self._network_c(batch, a.dtype)
 
         def fallback():
@@ -395,18 +486,37 @@ class MedianOfMeans(Aggregator):
     when ``groups`` does not divide the batch), average the gradients within each
     group, and take the coordinate-wise median of the group means (for an even number
     of groups, the mean of the two middle values). Group gradients come from the same
-    single backward pass."""
+    single backward pass.
+
+    Every group needs at least one example: a batch with fewer examples than
+    ``groups`` is refused (an empty group has no mean), with a ValueError when its
+    size is known while tracing, else by a run-time check that ``fit`` and
+    ``train_on_batch`` of an :class:`~keras_coherence.aggregation.AggregatedModel`
+    re-raise as the same ValueError. A short last batch with at least ``groups``
+    examples is used, its groups a little smaller."""
 
     kind = "groups"
     name = "m3"
 
     def __init__(self, groups: int = 3):
-        if int(groups) != groups or groups < 1:
-            raise ValueError(f"MedianOfMeans groups must be a positive integer, got {groups!r}.")
-        self.groups = int(groups)
+        self.groups = integer_arg(groups, "MedianOfMeans", "groups", 1)
 
     def get_config(self):
         return {"groups": self.groups}
+
+    def batch_checks(self, batch):
+        """The run-time checks (ops) that a (global) batch of ``batch`` examples fills
+        every group; a batch size known while tracing is checked at once (ValueError)."""
+        first = f"MedianOfMeans(groups={self.groups}) needs at least {self.groups} examples per batch " \
+                "(one per group), got"
+        last = ": use fewer groups (m3:groups=G with G at most the batch size) or a larger batch."
+        static_batch = static_size(batch)
+        if static_batch is not None:
+            if static_batch < self.groups:
+                raise ValueError(f"{first} {static_batch}{last}")
+            return []
+        batch = tf.cast(batch, tf.int32)
+        return [batch_check(batch >= self.groups, first, batch, last)]
 
     def combine(self, group_means):
         return coordinate_median(group_means)

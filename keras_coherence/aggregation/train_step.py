@@ -65,7 +65,12 @@ def aggregated_train_step(model, data, aggregator, report_coherence=False, per_l
         model, x, lambda y_pred: model.compute_loss(x, y, y_pred, sample_weight), "train",
         tape_extra=lambda: _reg_loss(model))
     variables = model.trainable_variables
-    local_batch = tf.shape(tf.nest.flatten(x)[0])[0]
+    first_input = tf.nest.flatten(x)[0]
+    # A batch size known while tracing (a Python int) lets the aggregators refuse a
+    # batch too small for them at once, with a ValueError, instead of at run time.
+    local_batch = first_input.shape[0]
+    if local_batch is None or _replicated():
+        local_batch = tf.shape(first_input)[0]
     update = {}
     previous = []
     if aggregator.kind == "per_example":
@@ -87,16 +92,17 @@ def aggregated_train_step(model, data, aggregator, report_coherence=False, per_l
                         update[key] = aggregator.reduce(g)
             previous = [update[k] for k in per_example]
     elif aggregator.kind == "groups":
-        bounds, sizes, loss_scale, _ = _group_bounds(local_batch, aggregator.groups)
-        for name in result.by_layer:
-            sums = layer_group_grads(result, name, bounds)
-            keys = list(sums[0])
-            if _replicated():
-                sums = tf.distribute.get_replica_context().all_reduce("sum", sums)
-            for key in keys:
-                means = [s[key] * loss_scale / tf.cast(tf.maximum(n, 1), s[key].dtype)
-                         for s, n in zip(sums, sizes)]
-                update[key] = aggregator.combine(means)  # on the scale of the mean gradient
+        bounds, sizes, loss_scale, total = _group_bounds(local_batch, aggregator.groups)
+        # An empty group would enter the median as a zero mean: refuse such a batch.
+        with tf.control_dependencies(aggregator.batch_checks(total)):
+            for name in result.by_layer:
+                sums = layer_group_grads(result, name, bounds)
+                keys = list(sums[0])
+                if _replicated():
+                    sums = tf.distribute.get_replica_context().all_reduce("sum", sums)
+                for key in keys:
+                    means = [s[key] * loss_scale / tf.cast(n, s[key].dtype) for s, n in zip(sums, sizes)]
+                    update[key] = aggregator.combine(means)  # on the scale of the mean gradient
     else:
         raise ValueError(f"Unknown aggregator kind {aggregator.kind!r}.")
 
@@ -151,10 +157,45 @@ class AggregatedModel(FunctionalWithExtras):
     def train_step(self, data):
         logs, y_pred, grads_and_vars = aggregated_train_step(
             self, data, self.aggregator, self.report_coherence)
-        self.optimizer.apply_gradients([(g, v) for g, v in grads_and_vars if g is not None],
-                                       skip_gradients_aggregation=True)
+        grads_and_vars = [(g, v) for g, v in grads_and_vars if g is not None]
+        check_optimizer_owns(self.optimizer, [v for _, v in grads_and_vars], self.name)
+        self.optimizer.apply_gradients(grads_and_vars, skip_gradients_aggregation=True)
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         return {**self.compute_metrics(x, y, y_pred, sample_weight), **logs}
+
+    def make_train_function(self, force=False):
+        """Keras's train function, re-raising a batch too small for the aggregator
+        (found at run time, e.g. a short last batch) as a ValueError that says so."""
+        function = super().make_train_function(force)
+        if getattr(function, "_reraises_batch_errors", False):
+            return function
+
+        def train_function(iterator):
+            try:
+                return function(iterator)
+            except tf.errors.InvalidArgumentError as err:
+                message = agg.batch_error(err)
+                if message is None:
+                    raise
+                raise ValueError(message) from None
+
+        train_function._reraises_batch_errors = True
+        self.train_function = train_function
+        return train_function
+
+
+def check_optimizer_owns(optimizer, variables, model_name):
+    """A clear error, instead of Keras's bare KeyError, when ``optimizer`` was built for
+    other variables: one optimizer instance compiled into two models."""
+    if not getattr(optimizer, "_built", False) or not hasattr(optimizer, "_index_dict"):
+        return
+    foreign = [v.name for v in variables if optimizer._var_key(v) not in optimizer._index_dict]
+    if foreign:
+        raise ValueError(
+            f"The optimizer {optimizer.name!r} of model {model_name!r} was built for other variables "
+            f"(another model's), not for {foreign[0]!r}: create one optimizer per model (compile each "
+            "model with its own optimizer instance), and compile again with a new optimizer after "
+            "changing which weights are trainable.")
 
 
 def with_aggregator(model, aggregator="mean", report_coherence: bool = False) -> AggregatedModel:
