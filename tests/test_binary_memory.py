@@ -1,10 +1,12 @@
-"""memory_profile against hand-computed bits for the paper's MLP."""
+"""memory_profile against hand-computed bits: the paper's MLP, CNV and BinaryNet layer by
+layer, ResNetE-18's Add and pooling rows; methods that contradict a model's layers."""
 import pytest
 
 import keras_coherence  # noqa: F401  (Keras 2 policy first)
+from keras_coherence._keras import keras
 from keras_coherence.binary import config as C
 from keras_coherence.binary import models as bm
-from keras_coherence.binary.memory import MemoryRow, memory_profile, memory_ratio
+from keras_coherence.binary.memory import COLUMNS, MemoryRow, memory_profile, memory_ratio
 
 B = 7
 SIZES = [(784, 256), (256, 256), (256, 256), (256, 256), (256, 10)]
@@ -87,11 +89,181 @@ def test_profile_of_a_built_model_reads_its_method_and_formats():
     assert profile.as_dict()["totals"]["peak"] == profile.peak_bits
 
 
-def test_ratios_are_in_the_papers_range_and_errors():
-    assert 1.5 < memory_ratio("mlp", 100) < 3.0
+def test_mlp_ratio_equals_the_hand_computed_peaks_and_errors():
+    b = 100
+    std = sum(128 * i * o + b * i * 32 + 384 * o + b * o * 32 for i, o in SIZES)
+    low = sum(81 * i * o + b * i * (32 if k == 0 else 2) + 160 * o + b * o
+              for k, (i, o) in enumerate(SIZES))
+    std += b * (784 + 256) * 32                      # largest gradient buffer: fc_1
+    low += b * (784 + 256) * 16
+    assert memory_ratio("mlp", b) == std / low
+    assert round(std / low, 2) == 1.73               # the figure docs/binary.md quotes
     with pytest.raises(ValueError, match="batch_size"):
         memory_profile("mlp", 0)
     with pytest.raises(ValueError, match="Unknown optimizer"):
         memory_profile("mlp", 10, optimizer="rmsprop")
     with pytest.raises(ValueError, match="Unknown training method"):
         memory_profile("mlp", 10, method="tiny")
+
+
+# ------------------------------------------------------------------ CNV and BinaryNet
+# An independent reference written from the formulas of docs/binary.md ("Memory model"):
+# the layer list and every shape are derived here by hand from the architectures (3x3
+# convs, 2x2 pools), not read from the Keras models.
+
+
+def _conv_out(size, padding):
+    return size - 2 if padding == "valid" else size
+
+
+def _vgg_spec(filters, fc, padding, pool_before_bn, size=32, channels=3, classes=10):
+    """``[(layer, kind, n_in, n_out, extra)]`` of CNV / BinaryNet, in Keras layer order;
+    ``extra``: kernel elements (binary), channels (batch norm) or pool area (pool)."""
+    spec = [("input", "shape", 0, 0, None)]
+    c_in = channels
+    for i, f in enumerate(filters, start=1):
+        out = _conv_out(size, padding)
+        spec.append((f"conv_{i}", "binary", size * size * c_in, out * out * f, 9 * c_in * f))
+        size, c_in = out, f
+        pooled = i % 2 == 0 and (pool_before_bn or i < 6)
+        if pooled and pool_before_bn:
+            spec.append((f"pool_{i}", "max_pool", size * size * f, (size // 2) ** 2 * f, 4))
+            size //= 2
+        spec.append((f"bn_conv_{i}", "bn", size * size * f, size * size * f, f))
+        if pooled and not pool_before_bn:
+            spec.append((f"pool_{i}", "max_pool", size * size * f, (size // 2) ** 2 * f, 4))
+            size //= 2
+    width = size * size * c_in
+    spec.append(("flatten", "shape", width, width, None))
+    for i, units in enumerate(tuple(fc) + (classes,), start=7):
+        name, bn = (f"fc_{i}", f"bn_fc_{i}") if i < 7 + len(fc) else ("logits", "logits_bn")
+        spec.append((name, "binary", width, units, width * units))
+        spec.append((bn, "bn", units, units, units))
+        width = units
+    return spec
+
+
+CNV_SPEC = _vgg_spec((64, 64, 128, 128, 256, 256), (512, 512), "valid", pool_before_bn=False)
+BINARYNET_SPEC = _vgg_spec((128, 128, 256, 256, 512, 512), (1024, 1024), "same",
+                           pool_before_bn=True)
+
+
+def _expected_row(name, kind, n_in, n_out, extra, low, b):
+    """A MemoryRow from the documented per-layer formulas (Adam: 2 slots of 32 bits)."""
+    grad_x = 16 if low else 32
+    if kind == "shape":
+        return MemoryRow(name, "shape")
+    if kind == "binary":
+        w = extra
+        first = name == "conv_1"
+        return MemoryRow(name, "binary", weights=w, latent_weights=(16 if low else 32) * w,
+                         weight_gradients=(1 if low else 32) * w, optimizer_slots=2 * 32 * w,
+                         saved_activations=b * n_in * (32 if first or not low else 2),
+                         gradient_buffers=b * (n_in + n_out) * grad_x)
+    if kind == "bn":
+        c = extra
+        if low:   # l1 batch norm: beta only; 1 sign bit per element + sigma, s per channel
+            return MemoryRow(name, "l1_batch_norm", weights=c, latent_weights=16 * c,
+                             weight_gradients=16 * c, optimizer_slots=2 * 32 * c,
+                             statistics=2 * 16 * c, saved_activations=b * n_in + 2 * 16 * c,
+                             gradient_buffers=b * 2 * n_in * 16)
+        return MemoryRow(name, "batch_norm", weights=2 * c, latent_weights=32 * 2 * c,
+                         weight_gradients=32 * 2 * c, optimizer_slots=2 * 32 * 2 * c,
+                         statistics=2 * 32 * c, saved_activations=b * n_in * 32 + 2 * 32 * c,
+                         gradient_buffers=b * 2 * n_in * 32)
+    assert kind == "max_pool"
+    # low-memory: ceil(log2(4)) = 2 index bits per output; standard: the float32 input
+    saved = b * n_out * 2 if low else b * n_in * 32
+    return MemoryRow(name, "max_pool", saved_activations=saved,
+                     gradient_buffers=b * (n_in + n_out) * grad_x)
+
+
+@pytest.mark.parametrize("name,spec", [("cnv", CNV_SPEC), ("binarynet", BINARYNET_SPEC)])
+@pytest.mark.parametrize("method", ["standard", "low_memory"])
+def test_conv_models_hand_computed_layer_by_layer(name, spec, method):
+    profile = memory_profile(name, B, method, "adam")
+    low = method == "low_memory"
+    expected = [_expected_row(*entry, low=low, b=B) for entry in spec]
+    assert [r.layer for r in profile.rows] == [r.layer for r in expected]
+    for got, want in zip(profile.rows, expected):
+        assert got == want, got.layer
+    persistent = sum(sum(getattr(r, c) for c in COLUMNS[:-1]) for r in expected)
+    largest = max(r.gradient_buffers for r in expected)
+    assert profile.totals()["gradient_buffers"] == largest
+    assert profile.peak_bits == persistent + largest
+
+
+def test_conv_model_parameter_counts_match_the_spec():
+    # the spec's kernel/channel counts are the builders' parameters (BN: 4 per channel)
+    for name, spec, per_bn in (("cnv", CNV_SPEC, 4), ("binarynet", BINARYNET_SPEC, 4)):
+        expected = sum(e for _, k, _, _, e in spec if k == "binary") + \
+            sum(per_bn * e for _, k, _, _, e in spec if k == "bn")
+        assert bm.build_model(name, "standard").count_params() == expected
+
+
+# ------------------------------------------------------------------ ResNetE-18: Add, pools
+
+
+def test_resnet_add_and_pool_rows_count_what_they_need():
+    """32x32x3, width 4: stem 16x16x4 -> stem pool 8x8x4; stages 8x8x4, 4x4x8, 2x2x16,
+    1x1x32."""
+    for method, grad_x in (("standard", 32), ("low_memory", 16)):
+        rows = _rows(memory_profile("resnet_e18", B, method, "adam", input_shape=(32, 32, 3),
+                                    num_classes=10, width=4))
+        # Keras's overlapping 3x3/2 stem pool: autodiff's MaxPoolGrad keeps its float input
+        assert rows["stem_pool"] == MemoryRow(
+            "stem_pool", "max_pool", saved_activations=B * 16 * 16 * 4 * 32,
+            gradient_buffers=B * (16 * 16 * 4 + 8 * 8 * 4) * grad_x)
+        # constant derivatives: nothing saved, but an input and an output gradient
+        assert rows["stage1_block1_conv1_add"] == MemoryRow(
+            "stage1_block1_conv1_add", "add", gradient_buffers=B * (256 + 256) * grad_x)
+        assert rows["stage2_block1_conv1_sc_pool"] == MemoryRow(
+            "stage2_block1_conv1_sc_pool", "avg_pool",
+            gradient_buffers=B * (8 * 8 * 4 + 4 * 4 * 4) * grad_x)
+        assert rows["head_pool"] == MemoryRow("head_pool", "avg_pool",
+                                              gradient_buffers=B * (32 + 32) * grad_x)
+        assert rows["head_relu"] == MemoryRow("head_relu", "activation",
+                                              saved_activations=B * 32 * 32,
+                                              gradient_buffers=B * 64 * grad_x)
+        # the real shortcut conv: float32 in both methods
+        w = 4 * 8
+        assert rows["stage2_block1_conv1_sc_conv"] == MemoryRow(
+            "stage2_block1_conv1_sc_conv", "real", weights=w, latent_weights=32 * w,
+            weight_gradients=32 * w, optimizer_slots=64 * w, saved_activations=B * 64 * 32,
+            gradient_buffers=B * (64 + 128) * grad_x)
+
+
+# ------------------------------------------------------------------ contradicting methods
+
+
+def test_method_contradicting_the_layers_is_refused_both_ways():
+    standard = bm.mlp((4, 4, 1), 3, method="standard", hidden=(8,))
+    low = bm.mlp((4, 4, 1), 3, method="low_memory", hidden=(8,))
+    with pytest.raises(ValueError, match=r"method='low_memory'\) contradicts .*standard.*QuantDense"):
+        memory_profile(standard, 5, method="low_memory")
+    with pytest.raises(ValueError, match=r"method='standard'\) contradicts .*low_memory.*BinaryDense"):
+        memory_profile(low, 5, method="standard")
+    with pytest.raises(ValueError, match=r"method='low_memory_po2'\) contradicts"):
+        memory_profile(low, 5, method="low_memory_po2")
+    # the method the layers use, given or read, is accepted and the same table
+    assert memory_profile(low, 5, method="low_memory").rows == memory_profile(low, 5).rows
+    assert memory_profile(standard, 5, method="standard").method == "standard"
+    assert memory_profile(standard, 5).method == "standard"
+
+
+def test_models_mixing_methods_are_refused():
+    import larq as lq
+
+    from keras_coherence.binary import layers as bl
+
+    inp = keras.Input((6,))
+    h = lq.layers.QuantDense(4, input_quantizer="ste_sign", kernel_quantizer="ste_sign",
+                             use_bias=False, name="larq_fc")(inp)
+    h = bl.BinaryDense(3, name="ours_fc")(h)
+    with pytest.raises(ValueError, match="mixes standard binary layers.*'larq_fc'.*'ours_fc'"):
+        memory_profile(keras.Model(inp, h), 5)
+    inp = keras.Input((6,))
+    h = bl.BinaryDense(4, method="low_memory", name="a")(inp)
+    h = bl.BinaryDense(3, method="low_memory_po2", name="b")(h)
+    with pytest.raises(ValueError, match="several methods"):
+        memory_profile(keras.Model(inp, h), 5)

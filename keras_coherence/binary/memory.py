@@ -14,17 +14,24 @@ not public). For each layer and a batch of ``B`` examples:
   standard: its float32 input (batch norm: its input plus the batch mean and inverse
   deviation); low-memory binary layer with retention: 1 sign bit + 1 STE-mask bit per
   input element (a first layer keeps its real float32 input); l1 batch norm: 1 bit of
-  ``sign(x_hat)`` per element plus ``sigma`` and ``s`` per channel; max pooling: its
-  float32 input (standard) or the argmax index, ``ceil(log2(pool area))`` bits per output
-  (low-memory); ReLU its output; linear shape ops nothing;
+  ``sign(x_hat)`` per element plus ``sigma`` and ``s`` per channel; max pooling: a Keras
+  ``MaxPooling2D`` (autodiff's ``MaxPoolGrad``) its float32 input, a
+  :class:`~keras_coherence.binary.layers.LowMemoryMaxPooling2D` the argmax index,
+  ``ceil(log2(pool area))`` bits per output; ReLU its output; average pooling, global
+  average pooling and ``Add`` nothing (constant derivatives: the backward needs only
+  shapes); reshapes nothing;
 * ``gradient_buffers`` -- the transient input and output gradients of the layer's
-  backward, ``B x (N_in + N_out) x b_dX`` (32; 16 for float16; 1 + exponent bits for PO2).
-  They are not summed: the peak adds only the largest.
+  backward, ``B x (N_in + N_out) x b_dX`` (32; 16 for float16; 1 + exponent bits for PO2)
+  for every layer that computes one (``Add``: its output gradient and the one it hands to
+  its inputs, ``N_in`` of one input; reshapes and the input layer: none). They are not
+  summed: the peak adds only the largest.
 
 ``peak = sum(persistent columns over layers) + max(gradient_buffers)``.
 
 Real (non-binary) layers -- ResNetE-18's stem, shortcuts and head -- are float32 in both
-methods. The TensorFlow emulation in :mod:`keras_coherence.binary.layers` holds float16
+methods. The method is a property of the model's layers: ``memory_profile`` of a built model
+reads it from them, and refuses a ``method`` that contradicts them (a standard larq model
+profiled as low-memory, or the reverse) rather than mixing both in one table. The TensorFlow emulation in :mod:`keras_coherence.binary.layers` holds float16
 values in float32 variables and bits in ``bool`` tensors (8 bits each); this table is what
 a device implementation of the method stores.
 
@@ -220,10 +227,10 @@ def _real_layer(layer, row, w, n_in, n_out):
 
 
 def _max_pool(layer, row, w, n_in, n_out):
-    if w.low:
+    if isinstance(layer, bl.LowMemoryMaxPooling2D):  # keeps the argmax index per output
         area = int(math.prod(layer.pool_size))
         row.saved_activations = w.batch_size * n_out * max(1, math.ceil(math.log2(area)))
-    else:
+    else:  # autodiff's MaxPoolGrad takes the float input
         row.saved_activations = w.batch_size * n_in * 32
 
 
@@ -232,8 +239,9 @@ def _activation(layer, row, w, n_in, n_out):
         row.saved_activations = w.batch_size * n_out * 32
 
 
-def _shape_only(layer, row, w, n_in, n_out):
-    pass
+def _nothing_saved(layer, row, w, n_in, n_out):
+    """Average pools and Add: constant derivatives, so the backward keeps no activation
+    (their gradient buffers are counted by ``_row``)."""
 
 
 _RULES = (
@@ -243,10 +251,11 @@ _RULES = (
     ("max_pool", lambda l: isinstance(l, keras.layers.MaxPooling2D), _max_pool),
     ("real", lambda l: isinstance(l, (keras.layers.Dense, keras.layers.Conv2D)), _real_layer),
     ("activation", lambda l: isinstance(l, keras.layers.Activation), _activation),
+    ("avg_pool", lambda l: isinstance(l, (keras.layers.AveragePooling2D,
+                                          keras.layers.GlobalAveragePooling2D)), _nothing_saved),
+    ("add", lambda l: isinstance(l, keras.layers.Add), _nothing_saved),
     ("shape", lambda l: isinstance(l, (keras.layers.Flatten, keras.layers.Reshape,
-                                       keras.layers.InputLayer, keras.layers.Add,
-                                       keras.layers.AveragePooling2D,
-                                       keras.layers.GlobalAveragePooling2D)), _shape_only),
+                                       keras.layers.InputLayer)), None),
 )
 
 
@@ -254,7 +263,7 @@ def _row(layer, w):
     for kind, matches, rule in _RULES:
         if matches(layer):
             row = MemoryRow(layer.name, kind)
-            if kind != "shape":
+            if rule is not None:  # reshapes pass their gradient through: no buffer
                 n_in, n_out = _shapes(layer)
                 rule(layer, row, w, n_in, n_out)
                 row.gradient_buffers = w.batch_size * (n_in + n_out) * w.grad_x
@@ -262,15 +271,55 @@ def _row(layer, w):
     raise ValueError(
         f"memory_profile has no rule for layer {layer.name!r} of type "
         f"{type(layer).__name__}; supported: binary larq/keras_coherence layers, batch "
-        "norms, Dense, Conv2D, pooling, Activation, Flatten, Reshape, Add.")
+        "norms, Dense, Conv2D, max/average pooling, Activation, Flatten, Reshape, Add.")
+
+
+def _describe(layer):
+    config = getattr(layer, "config", None)
+    label = method_name(config) if isinstance(layer, bl.LOW_MEMORY_LAYERS) and config \
+        else "standard"
+    return f"{layer.name!r} ({type(layer).__name__}, {label})"
 
 
 def _model_config(model):
-    configs = {layer.config for layer in model.layers if isinstance(layer, bl.LOW_MEMORY_LAYERS)}
-    configs.discard(None)
-    if len(configs) > 1:
-        raise ValueError("The model mixes several LowMemoryConfigs; profile it per config.")
-    return configs.pop() if configs else None
+    """The model's method read from its layers: the ``LowMemoryConfig`` of its low-memory
+    layers, or None for standard layers (larq's, or ours built with ``method="standard"``).
+
+    Raises:
+        ValueError: the layers mix methods.
+    """
+    ours = [l for l in model.layers if isinstance(l, bl.LOW_MEMORY_LAYERS)]
+    larq_binary = [l for l in model.layers
+                   if _is_binary_layer(l) and not isinstance(l, bl.LOW_MEMORY_LAYERS)]
+    by_config = {}
+    for layer in ours:
+        by_config.setdefault(layer.config, layer)
+    if larq_binary and any(c is not None for c in by_config):
+        low = next(l for c, l in by_config.items() if c is not None)
+        raise ValueError(
+            f"model {model.name!r} mixes standard binary layers ({_describe(larq_binary[0])}) "
+            f"with low-memory ones ({_describe(low)}); memory_profile describes one method "
+            "per model: build it with one method.")
+    if len(by_config) > 1:
+        raise ValueError(
+            f"model {model.name!r} mixes layers of several methods ("
+            + ", ".join(_describe(l) for l in by_config.values())
+            + "); memory_profile describes one method per model: build it with one method.")
+    return next(iter(by_config)) if by_config else None
+
+
+def _check_method(model, requested, derived):
+    """Refuses a ``method`` that contradicts the model's layers (the table would mix both)."""
+    if requested == derived:
+        return
+    evidence = [l for l in model.layers if isinstance(l, bl.LOW_MEMORY_LAYERS) or _is_binary_layer(l)]
+    what = (f"its layers are {method_name(derived) if derived is not None else 'standard'}"
+            + (f" (e.g. {_describe(evidence[0])})" if evidence else " (no binary layers)"))
+    wanted = method_name(requested) if requested is not None else "standard"
+    raise ValueError(
+        f"memory_profile(method={wanted!r}) contradicts model {model.name!r}: {what}. Pass "
+        f"method=None to profile the model as built, or profile a model built with "
+        f"method={wanted!r} (e.g. memory_profile(name, method={wanted!r})).")
 
 
 def memory_profile(model_or_name, batch_size: int = 100, method=None,
@@ -284,12 +333,14 @@ def memory_profile(model_or_name, batch_size: int = 100, method=None,
             and the paper's input shape unless ``build_kwargs`` say otherwise).
         batch_size: examples per step.
         method: for a name, ``"standard"``, ``"low_memory"``, ... (default
-            ``"standard"``); for a model, ``None`` reads it from the model's layers.
+            ``"standard"``); for a model, ``None`` reads it from the model's layers, and a
+            given method must be the one its layers use.
         optimizer: ``"adam"``, ``"bop"`` or ``"sgd"`` (number of slots).
         optimizer_bits: width of one optimizer slot element.
 
     Raises:
-        ValueError: bad sizes, unknown method/optimizer, or a layer without a rule.
+        ValueError: bad sizes, unknown method/optimizer, a layer without a rule, a model
+            whose layers mix methods, or a ``method`` its layers contradict.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} must be a positive integer.")
@@ -301,7 +352,9 @@ def memory_profile(model_or_name, batch_size: int = 100, method=None,
         model = model_or_name
         if build_kwargs:
             raise ValueError("build_kwargs only apply when a model name is given.")
-        config = _model_config(model) if method is None else resolve_method(method)
+        config = _model_config(model)
+        if method is not None:
+            _check_method(model, resolve_method(method), config)
     else:
         from keras_coherence.binary.models import build_model
         method = "standard" if method is None else method
