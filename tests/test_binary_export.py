@@ -274,3 +274,97 @@ def test_clip_binary_kernels_keeps_latent_weights_in_range():
     kernels = [v.numpy() for v in model.trainable_variables if getattr(v, "precision", None) == 1]
     assert kernels and all(np.abs(k).max() <= 1.0 for k in kernels)
     assert any(np.abs(k).max() == 1.0 for k in kernels)  # lr 0.5 pushes some to the bound
+
+
+# ------------------------------------------------------------------ unsupported layers, dilation
+def _lambda_model():
+    inp = keras.Input((8,))
+    h = keras.layers.Lambda(lambda t: t * 2.0, name="doubler")(inp)
+    return keras.Model(inp, keras.layers.Dense(3, name="head")(h), name="with_lambda")
+
+
+def _flat(*layers, shape=(8,), name="net"):
+    inp = keras.Input(shape)
+    h = inp
+    for layer in layers:
+        h = layer(h)
+    return keras.Model(inp, h, name=name)
+
+
+@pytest.mark.parametrize("build,fragments", [
+    (lambda: models.cnv(method="standard"),
+     ["'conv_1' (QuantConv2D: autodiff's kernel gradient is Conv2DBackpropFilter",
+      "'bn_conv_1' (BatchNormalization: on images it is a fused batch norm",
+      "'pool_2' (MaxPooling2D: autodiff's MaxPoolGrad", "method='low_memory'"]),
+    (lambda: _flat(keras.layers.Dense(6, activation="relu", name="hidden"), keras.layers.Dense(3)),
+     ["'hidden' (Dense: activation 'relu'"]),
+    (lambda: _flat(keras.layers.AveragePooling2D(2, name="avg"), keras.layers.Flatten(),
+                   keras.layers.Dense(3), shape=(4, 4, 2)),
+     ["'avg' (AveragePooling2D: autodiff's AvgPoolGrad"]),
+    (_lambda_model, ["'doubler' (Lambda: no rule"]),
+])
+def test_training_module_names_unsupported_layers(build, fragments):
+    model = build()
+    with pytest.raises(ValueError) as err:
+        export_training.TrainingModule(model, batch_size=4)
+    message = str(err.value)
+    for fragment in fragments:
+        assert fragment in message, message
+    assert "Supported: BinaryDense, BinaryConv2D" in message
+
+
+def test_lce_export_names_unsupported_layers():
+    with pytest.raises(ValueError, match=r"unsupported layer\(s\) 'doubler' \(Lambda\). Supported: "
+                                         r"BinaryDense"):
+        export_lce.to_lce(_lambda_model())
+    inner = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)], name="inner")
+    with pytest.raises(ValueError, match=r"'inner' \((Sequential|Functional)\)"):
+        export_lce.larq_inference_model(_flat(inner, keras.layers.Dense(3)))
+
+
+def _dilated_net(seed=0, dropout=False):
+    """A dilated binary conv, a dilated same-padded one added to it (Add), global average
+    pool, a real Dense + batch norm on [batch, features], binary dense logits."""
+    from keras_coherence.binary import layers as bl
+
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((9, 9, 2))
+    a = bl.BinaryConv2D(4, 3, dilation_rate=2, padding="same", first_layer=True, name="conv_a")(inp)
+    a = bl.L1BatchNormalization(name="bn_a")(a)
+    b = bl.BinaryConv2D(4, 3, dilation_rate=2, padding="same", name="conv_b")(a)
+    b = bl.L1BatchNormalization(name="bn_b")(b)
+    h = keras.layers.Add(name="add")([a, b])
+    h = keras.layers.GlobalAveragePooling2D(name="gap")(h)
+    if dropout:
+        h = keras.layers.Dropout(0.5, name="drop")(h)
+    h = keras.layers.Dense(6, name="dense")(h)
+    h = keras.layers.BatchNormalization(name="bn_dense")(h)
+    h = bl.BinaryDense(4, name="logits")(h)
+    return keras.Model(inp, bl.L1BatchNormalization(name="logits_bn")(h), name="dilated")
+
+
+def test_dilated_add_gap_net_trains_in_litert_like_keras():
+    model = _dilated_net()
+    initial = [w.copy() for w in model.get_weights()]
+    flatbuffer = export_training.to_tflite(export_training.TrainingModule(model, learning_rate=LR,
+                                                                          batch_size=BATCH))
+    assert export_lce.non_builtin_ops(flatbuffer) == []
+    x, y = _task(4 * BATCH, dim=9 * 9 * 2)
+    reference = _dilated_net(seed=1)
+    reference.set_weights(initial)
+    _litert_follows_keras(reference, flatbuffer, x.reshape(-1, 9, 9, 2), y)
+
+
+def test_dilated_net_lce_matches_keras():
+    model = _dilated_net(dropout=True)
+    rng = np.random.default_rng(4)
+    for layer in model.layers:  # moving statistics away from their init: no sign ties at 0
+        if hasattr(layer, "moving_sigma"):
+            c = layer.beta.shape[0]
+            layer.set_weights([rng.normal(0, 0.3, c), rng.normal(0, 0.5, c), rng.uniform(0.5, 2, c)])
+    x, _ = _task(32, dim=9 * 9 * 2)
+    x = x.reshape(-1, 9, 9, 2)
+    lce_model = export_lce.to_lce(model)
+    assert "LceBconv2d" in export_lce.tflite_ops(lce_model)
+    np.testing.assert_allclose(export_lce.lce_predict(lce_model, x), model.predict(x, verbose=0),
+                               atol=1e-4)

@@ -28,7 +28,8 @@ import numpy as np
 from keras_coherence._keras import keras, tf
 
 __all__ = ["larq_inference_model", "to_lce", "to_float_tflite", "lce_predict", "lce_latency",
-           "tflite_ops", "non_builtin_ops", "LceReport", "compare"]
+           "tflite_ops", "non_builtin_ops", "LceReport", "compare", "check_lce_exportable",
+           "LCE_SUPPORTED_LAYERS"]
 
 
 def _larq():
@@ -105,6 +106,36 @@ def _inference_layer(layer):
     return None
 
 
+#: The layers ``larq_inference_model`` / ``to_lce`` export (others raise ``ValueError``).
+LCE_SUPPORTED_LAYERS = (
+    "BinaryDense, BinaryConv2D, L1BatchNormalization, LowMemoryMaxPooling2D; larq QuantDense, "
+    "QuantConv2D; Keras Dense, Conv2D, BatchNormalization, MaxPooling2D, AveragePooling2D, "
+    "GlobalAveragePooling2D, Activation, ReLU, Add, Flatten, Reshape, Dropout")
+
+
+def _lce_supported(layer):
+    from keras_coherence.binary import layers as bl
+
+    kl = keras.layers
+    lq = _larq()
+    return isinstance(layer, (
+        bl.BinaryDense, bl.BinaryConv2D, bl.L1BatchNormalization, bl.LowMemoryMaxPooling2D,
+        lq.layers.QuantDense, lq.layers.QuantConv2D, kl.InputLayer, kl.Dense, kl.Conv2D,
+        kl.BatchNormalization, kl.MaxPooling2D, kl.AveragePooling2D, kl.GlobalAveragePooling2D,
+        kl.Activation, kl.ReLU, kl.Add, kl.Flatten, kl.Reshape, kl.Dropout))
+
+
+def check_lce_exportable(model):
+    """Raises ``ValueError`` naming every layer of ``model`` outside
+    :data:`LCE_SUPPORTED_LAYERS` (nested models, ``Lambda`` and other layers the rewrite
+    does not know)."""
+    bad = [layer for layer in model.layers if not _lce_supported(layer)]
+    if bad:
+        listed = ", ".join(f"{layer.name!r} ({type(layer).__name__})" for layer in bad)
+        raise ValueError(f"{model.name!r} cannot be exported with LCE: unsupported layer(s) {listed}. "
+                         f"Supported: {LCE_SUPPORTED_LAYERS}.")
+
+
 def larq_inference_model(model):
     """A copy of ``model`` in the layers LCE converts to bit-packed kernels.
 
@@ -117,8 +148,10 @@ def larq_inference_model(model):
     * every other layer is copied with its weights. The copy computes the same outputs.
 
     Raises:
-        ValueError: a binary dense layer whose input is not ``[batch, features]``.
+        ValueError: a binary dense layer whose input is not ``[batch, features]``, or a
+            layer outside :data:`LCE_SUPPORTED_LAYERS` (named in the message).
     """
+    check_lce_exportable(model)
     assigns = {}
 
     def clone(layer):

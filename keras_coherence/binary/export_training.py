@@ -39,7 +39,7 @@ from keras_coherence._keras import tf
 from keras_coherence.binary.export_lce import non_builtin_ops
 
 __all__ = ["TrainingModule", "to_tflite", "state_name", "keras_state", "set_keras_weights",
-           "softmax_cross_entropy"]
+           "softmax_cross_entropy", "check_trainable_on_device", "SUPPORTED_LAYERS"]
 
 SIGNATURES = ("train", "infer", "get_weights", "set_weights")
 
@@ -99,6 +99,61 @@ def softmax_cross_entropy(logits, labels):
     return op(logits)
 
 
+#: What the training export supports (checked layer by layer by ``TrainingModule``).
+SUPPORTED_LAYERS = (
+    "BinaryDense, BinaryConv2D, L1BatchNormalization, LowMemoryMaxPooling2D (the low-memory "
+    "layers); larq QuantDense and Keras Dense without activation; Keras BatchNormalization on "
+    "[batch, features] inputs; Add, GlobalAveragePooling2D, Flatten, Reshape, a linear "
+    "Activation")
+
+
+def _activation_name(layer):
+    return getattr(getattr(layer, "activation", None), "__name__", "linear")
+
+
+def _training_support(layer):
+    """None when ``layer``'s training step lowers to TFLite builtins, else why it does not."""
+    from keras_coherence._keras import keras
+    from keras_coherence.binary import layers as bl
+
+    kl = keras.layers
+    if isinstance(layer, (bl.BinaryDense, bl.BinaryConv2D, bl.L1BatchNormalization,
+                          bl.LowMemoryMaxPooling2D, kl.InputLayer, kl.Flatten, kl.Reshape,
+                          kl.Add, kl.GlobalAveragePooling2D)):
+        return None
+    if isinstance(layer, (kl.Dense, kl.Activation)):  # larq's QuantDense is a Dense
+        act = _activation_name(layer)
+        return None if act == "linear" else (
+            f"activation {act!r}: its autodiff gradient (e.g. ReluGrad) has no TFLite builtin")
+    if isinstance(layer, kl.Conv2D):                  # larq's QuantConv2D too
+        return ("autodiff's kernel gradient is Conv2DBackpropFilter (no TFLite builtin); "
+                "BinaryConv2D has a builtin-only backward")
+    if isinstance(layer, kl.BatchNormalization):
+        if len(layer.input_shape) == 2:
+            return None
+        return ("on images it is a fused batch norm (FusedBatchNormV3/GradV3, no TFLite "
+                "builtin); use L1BatchNormalization")
+    if isinstance(layer, kl.MaxPooling2D):
+        return ("autodiff's MaxPoolGrad has no TFLite builtin; LowMemoryMaxPooling2D (square, "
+                "stride = pool size) has a builtin-only backward")
+    if isinstance(layer, kl.AveragePooling2D):
+        return "autodiff's AvgPoolGrad has no TFLite builtin"
+    return "no rule: its backward is not known to lower to TFLite builtins"
+
+
+def check_trainable_on_device(model):
+    """Raises ``ValueError`` naming every layer of ``model`` whose training step does not
+    lower to TFLite builtins (see :data:`SUPPORTED_LAYERS`), before a slow conversion."""
+    bad = [(layer, why) for layer in model.layers
+           for why in [_training_support(layer)] if why is not None]
+    if bad:
+        listed = "; ".join(f"{layer.name!r} ({type(layer).__name__}: {why})" for layer, why in bad)
+        raise ValueError(
+            f"{model.name!r} cannot be exported for on-device training: {listed}. Supported: "
+            f"{SUPPORTED_LAYERS}. Build the model with method='low_memory' (the binary model "
+            "builders then use these layers).")
+
+
 class TrainingModule(tf.Module):
     """The training state and signatures of a Keras model (see the module docstring).
 
@@ -108,7 +163,8 @@ class TrainingModule(tf.Module):
 
     Args:
         model: a single-input Keras model producing logits, whose backward passes lower
-            to builtins (the low-memory layers; ``to_tflite`` reports what does not).
+            to builtins: only the layers of :data:`SUPPORTED_LAYERS` (others raise
+            ``ValueError`` naming them; ``to_tflite`` reports any op that still does not).
         learning_rate, beta_1, beta_2, epsilon: Adam's.
         clip_binary_kernels: clip kernels marked ``precision == 1`` to [-1, 1] after
             each update (larq's ``weight_clip``); off by default, as in ``train_bnn``.
@@ -122,6 +178,7 @@ class TrainingModule(tf.Module):
         super().__init__(name="binary_training")
         if len(model.inputs) != 1:
             raise ValueError(f"TrainingModule needs a single-input model; {model.name!r} has {len(model.inputs)}")
+        check_trainable_on_device(model)
         self._model = model  # not tracked: the SavedModel holds the variables only
         self._hyper = (float(learning_rate), float(beta_1), float(beta_2), float(epsilon))
         self._clip = bool(clip_binary_kernels)
