@@ -71,7 +71,7 @@ def test_train_resume_and_infer(files):
     summary, stderr = _edge(blockers, "train", model, "--data", root / "train.npz", "--epochs", 3,
                             "--batch-size", BATCH, "--checkpoint-dir", root / "full", "--loss-log", full_log)
     assert "epoch 3/3 [" in stderr and summary["steps"] == 3 * (96 // BATCH)
-    assert summary["peak_rss_mib"] > 0 and summary["wall_s"] > 0
+    assert summary["peak_rss_mib"] >= summary["setup_peak_rss_mib"] > 0 and summary["wall_s"] > 0
     full = _losses(full_log)
     first, last = np.mean([full[1, s] for s in range(1, 4)]), np.mean([full[3, s] for s in range(4, 7)])
     assert last < first, (first, last)
@@ -82,8 +82,12 @@ def test_train_resume_and_infer(files):
     resumed, _ = _edge(blockers, "train", model, "--data", root / "train.npz", "--epochs", 3,
                        "--batch-size", BATCH, "--checkpoint-dir", root / "split", "--resume",
                        "--loss-log", split_log, "--no-progress")
-    assert resumed["first_epoch"] == 3
+    assert resumed["first_epoch"] == 3 and resumed["resumed_from"] == str(root / "split" / "epoch_0002.npz")
     assert _losses(split_log) == full
+    with np.load(root / "split" / "epoch_0003.npz") as split, np.load(root / "full" / "epoch_0003.npz") as whole:
+        assert sorted(split.files) == sorted(whole.files)
+        for name in whole.files:
+            np.testing.assert_array_equal(split[name], whole[name], err_msg=name)
 
     # infer with the trained weights: its accuracy is numpy's argmax over LiteRT outputs computed here
     ckpt = root / "full" / "epoch_0003.npz"
