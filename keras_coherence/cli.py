@@ -827,6 +827,9 @@ BNN_ARGS = [
              "train --seed SEED' starts with)"),
     arg("--export", default=None, metavar="DIR",
         help="where the .tflite files and the .npz data go (default: <--out>/export)"),
+    arg("--no-device-export", action="store_true",
+        help="skip the on-device training export and its LiteRT steps (without it, a model whose "
+             "training graph does not lower to TFLite builtins is an error, exit 2)"),
     *[a for a in TRAINING_ARGS if a[0][0] in ("--seed", "--quiet")],
     arg("--out", default=os.path.join("runs", "bnn"), metavar="DIR", help="output directory"),
 ]
@@ -915,13 +918,20 @@ def _write_summary(out_dir, summary):
 
 def _keras_adam_state(module, optimizer):
     """The ``TrainingModule`` state entries of a Keras ``Adam`` optimizer's moments and step
-    (its variables ``Adam/m/<variable>``, ``Adam/v/<variable>``), or None when the
-    optimizer is not Adam or does not cover every trainable variable (the device then starts
-    Adam afresh)."""
+    (its variables ``Adam/m/<variable>``, ``Adam/v/<variable>``).
+
+    Returns None, by design, when the Keras training did not use Adam (``--optimizer bop``:
+    Bop's state is no Adam moment, so the device starts Adam afresh; the summary says
+    ``"fresh"``). Raises ValueError when an Adam optimizer's state does not cover every
+    trainable variable of the module (the device would otherwise silently restart some
+    weights' moments)."""
     import re
 
+    from keras_coherence._keras import keras
     from keras_coherence.binary.export_training import state_name
 
+    if not isinstance(optimizer, (keras.optimizers.Adam, keras.optimizers.legacy.Adam)):
+        return None
     state = {"adam_step": np.float32(optimizer.iterations.numpy())}
     variables = optimizer.variables
     for var in variables() if callable(variables) else variables:  # a method on legacy optimizers
@@ -929,7 +939,13 @@ def _keras_adam_state(module, optimizer):
         if match:
             state[f"adam_{match[1]}_{state_name(match[2])}"] = var.numpy()
     wanted = {f"adam_{k}_{n}" for n in module.trainable_names for k in "mv"}
-    return state if wanted <= set(state) else None
+    missing = sorted(wanted - set(state))
+    if missing:
+        raise ValueError(
+            f"the Keras Adam state cannot be carried to the device: no moments for {missing} (the "
+            f"optimizer has {sorted(k for k in state if k != 'adam_step')[:6]}...); train with "
+            "train_bnn's Adam, or pass --no-device-export")
+    return state
 
 
 def _edge_runner():
@@ -982,9 +998,11 @@ def run_bnn(args: argparse.Namespace, out_dir: str, log: Callable[[str], None] =
     The training model of a conv model trains on batches of exactly ``args.batch_size``
     (its convolution backward needs a fixed batch). A model whose training graph does not
     lower to TFLite builtins (e.g. the standard, autodiff-trained conv models need
-    ``Conv2DBackpropFilter``) gets no training model: ``summary["device"]["error"]``
-    says why. Raises
-    :class:`UsageError` for bad options.
+    ``Conv2DBackpropFilter``), or whose Keras Adam state cannot be carried over, is an
+    error: ``summary.json`` is still written (``summary["device"]["error"]`` says why),
+    then :class:`UsageError` is raised (exit status 2); ``args.no_device_export`` skips
+    that stage instead (``summary["device"]["skipped"]``). Raises :class:`UsageError` for
+    bad options.
     """
     import shlex
 
@@ -1040,23 +1058,29 @@ def run_bnn(args: argparse.Namespace, out_dir: str, log: Callable[[str], None] =
         f"{report.argmax_agreement:.3f}, max |logit difference| {report.max_abs_diff:.2g}")
 
     t0 = time.perf_counter()
-    try:
-        # convolutions' hand-written filter gradients lower to builtins only with a fixed batch
-        batch = None if args.model == "mlp" else args.batch_size
-        module = export_training.TrainingModule(model, learning_rate=args.lr, batch_size=batch)
-        adam = _keras_adam_state(module, model.optimizer)
-        if adam is not None:  # the device continues Keras's Adam where it stopped
-            module.assign({**module.weights(), **adam})
-        train_model = export_training.to_tflite(module)
-    except ValueError as err:
-        device = {"file": None, "error": str(err)}
-        log(f"  on-device training model: not exported: {str(err).splitlines()[0][:300]}")
+    export_error, device = None, None
+    if args.no_device_export:
+        device = {"file": None, "error": None, "skipped": "--no-device-export"}
+        log("  on-device training model: skipped (--no-device-export)")
     else:
+        try:
+            # convolutions' hand-written filter gradients lower to builtins only with a fixed batch
+            batch = None if args.model == "mlp" else args.batch_size
+            module = export_training.TrainingModule(model, learning_rate=args.lr, batch_size=batch)
+            adam = _keras_adam_state(module, model.optimizer)
+            if adam is not None:  # the device continues Keras's Adam where it stopped
+                module.assign({**module.weights(), **adam})
+            train_model = export_training.to_tflite(module)
+        except ValueError as err:
+            export_error = str(err).strip().splitlines()[0]
+            device = {"file": None, "error": str(err), "skipped": None}
+            log(f"  on-device training model: failed: {export_error[:300]}")
+    if device is None:  # exported: the device steps
         with open(paths["model_train.tflite"], "wb") as f:
             f.write(train_model)
         device = _bnn_device_steps(runner, paths["model_train.tflite"], train, test, args)
         keras_logits = model.predict(x_test, batch_size=1024, verbose=0)
-        device.update(file=paths["model_train.tflite"], bytes=len(train_model), error=None,
+        device.update(file=paths["model_train.tflite"], bytes=len(train_model), error=None, skipped=None,
                       adam_moments="from Keras" if adam is not None else "fresh",
                       keras_max_abs_diff=float(np.abs(device.pop("logits_before") - keras_logits).max()))
         log(f"  on-device training model: {len(train_model) / 1024:.0f} kB, signatures "
@@ -1103,6 +1127,9 @@ def run_bnn(args: argparse.Namespace, out_dir: str, log: Callable[[str], None] =
         "files": files,
     }
     _write_summary(out_dir, summary)
+    if export_error is not None:  # the summary (with the error) is written; the run failed
+        raise UsageError(f"on-device training export of --model {args.model} --method {args.method} failed: "
+                         f"{export_error} (pass --no-device-export to skip this stage)")
     if edge_commands:
         log("  train it on the device (LiteRT + numpy only), then evaluate its checkpoint:")
         log(f"    {edge_commands['train']}")

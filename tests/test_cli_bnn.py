@@ -1,7 +1,7 @@
 """The ``bnn`` command and its demo section.
 
-The figures it reports are recomputed here from other sources: the memory totals by
-calling ``memory_profile`` directly; the Keras test accuracy by writing the weights held in
+The figures it reports are recomputed here from other sources: the memory table from the
+per-layer formulas of docs/binary.md written out for the tiny MLP; the Keras test accuracy by writing the weights held in
 the exported training model (LiteRT ``get_weights``, which also holds Keras's Adam moments)
 into a freshly built model; the LCE accuracy by running the written LCE file in LCE's own interpreter; the on-device losses
 and accuracy by running the printed ``python -m edge`` command lines on the written files.
@@ -16,7 +16,7 @@ from conftest import read_csv, assert_help_lists, assert_one_line_usage_error
 from keras_coherence import cli, data
 from keras_coherence._keras import keras
 from keras_coherence.binary import export_lce, export_training
-from keras_coherence.binary.memory import COLUMNS, memory_profile
+from keras_coherence.binary.memory import COLUMNS
 from keras_coherence.binary.models import build_model
 
 pytestmark = pytest.mark.usefixtures("cache_in_tmp")
@@ -33,6 +33,33 @@ def tiny_bnn(tmp_path_factory):
     code = cli.main(["bnn", *TINY, "--out", str(out)])
     summary = json.loads((out / "summary.json").read_text()) if code == 0 else None
     return code, out, summary
+
+
+def _tiny_mlp_memory_rows(method, batch):
+    """``{layer: {column: bits}}`` of the 784-16-10 MLP from docs/binary.md's formulas (Adam:
+    2 slots of 32 bits; low-memory: float16 latent weights and activation gradients, 1-bit
+    kernel gradients, sign + STE-mask bits for a binary layer's input, l1 batch norm)."""
+    low, b = method == "low_memory", batch
+    gx = 16 if low else 32
+    rows = {"input": {}, "flatten": {}}
+    for name, bn, n_in, n_out, first in (("fc_1", "bn_fc_1", 784, 16, True), ("logits", "logits_bn", 16, 10, False)):
+        w = n_in * n_out
+        rows[name] = {"weights": w, "latent_weights": (16 if low else 32) * w, "weight_gradients": (1 if low else 32) * w,
+                      "optimizer_slots": 64 * w, "statistics": 0,
+                      "saved_activations": b * n_in * (2 if low and not first else 32),
+                      "gradient_buffers": b * (n_in + n_out) * gx}
+        c = n_out
+        if low:
+            rows[bn] = {"weights": c, "latent_weights": 16 * c, "weight_gradients": 16 * c, "optimizer_slots": 64 * c,
+                        "statistics": 32 * c, "saved_activations": b * c + 32 * c, "gradient_buffers": b * 2 * c * 16}
+        else:
+            rows[bn] = {"weights": 2 * c, "latent_weights": 64 * c, "weight_gradients": 64 * c,
+                        "optimizer_slots": 128 * c, "statistics": 64 * c, "saved_activations": b * c * 32 + 64 * c,
+                        "gradient_buffers": b * 2 * c * 32}
+    empty = dict.fromkeys(("weights",) + COLUMNS, 0)
+    rows = {name: {**empty, **row} for name, row in rows.items()}
+    order = ("input", "flatten", "fc_1", "bn_fc_1", "logits", "logits_bn")
+    return {name: rows[name] for name in order}
 
 
 def _test_data(n=256, seed=1):
@@ -56,18 +83,22 @@ def test_bnn_writes_data_and_memory_figures(tiny_bnn):
         np.testing.assert_array_equal(train["y"], y)
         assert train["y"].dtype == np.int32
 
-    # memory totals: memory_profile called here directly
+    # the memory table: every CSV row and the totals from the documented formulas
     memory = summary["memory"]
-    profiles = {m: memory_profile("mlp", 64, m, "adam", input_shape=SHAPE, num_classes=CLASSES, hidden=(16,))
-                for m in ("standard", "low_memory")}
-    assert memory["bits"] == {m: p.totals() for m, p in profiles.items()}
-    assert memory["ratio"] == profiles["standard"].peak_bits / profiles["low_memory"].peak_bits
-    assert memory["mib"]["low_memory"]["peak"] == pytest.approx(profiles["low_memory"].peak_mib, rel=1e-12)
     rows = read_csv(out / "memory.csv")
-    assert [(r["method"], r["layer"]) for r in rows] == [(m, r.layer) for m, p in profiles.items() for r in p.rows]
-    for m in profiles:
-        for column in COLUMNS[:-1]:  # gradient buffers: the largest layer's, not a sum
-            assert sum(int(r[column]) for r in rows if r["method"] == m) == memory["bits"][m][column]
+    expected = {m: _tiny_mlp_memory_rows(m, batch=64) for m in ("standard", "low_memory")}
+    assert [(r["method"], r["layer"]) for r in rows] == [(m, name) for m in expected for name in expected[m]]
+    for r in rows:
+        want = expected[r["method"]][r["layer"]]
+        assert {c: int(r[c]) for c in want} == want, (r["method"], r["layer"])
+    peaks = {}
+    for m, by_layer in expected.items():
+        totals = {c: sum(row[c] for row in by_layer.values()) for c in COLUMNS[:-1]}
+        totals["gradient_buffers"] = max(row["gradient_buffers"] for row in by_layer.values())
+        totals["peak"] = peaks[m] = sum(totals.values())
+        assert memory["bits"][m] == totals
+        assert memory["mib"][m]["peak"] == pytest.approx(totals["peak"] / 8 / 2 ** 20, rel=1e-12)
+    assert memory["ratio"] == pytest.approx(peaks["standard"] / peaks["low_memory"], rel=1e-12)
 
 
 def test_bnn_accuracies_from_the_written_files(tiny_bnn):
@@ -144,19 +175,80 @@ def test_bnn_standard_bop_prints_and_exports_where_told(tmp_path, capsys):
     assert " ".join(f"{v:.4f}" for v in summary["device"]["losses"]) in printed
 
 
-def test_training_export_failure_is_reported(tmp_path, monkeypatch):
-    def fail(module):
-        raise ValueError("the training model needs non-builtin ops ['Conv2DBackpropFilter']")
+def _failing_to_tflite(module):
+    raise ValueError("the training model needs non-builtin ops ['Conv2DBackpropFilter']")
 
-    monkeypatch.setattr(export_training, "to_tflite", fail)
+
+def test_training_export_failure_exits_2_with_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(export_training, "to_tflite", _failing_to_tflite)
     code = cli.main(["bnn", *TINY, "--hidden", "8", "--max-train", "128", "--out", str(tmp_path)])
-    assert code == 0
+    assert code == 2
+    assert_one_line_usage_error(capsys, "on-device training export of --model mlp --method low_memory failed: "
+                                        "the training model needs non-builtin ops ['Conv2DBackpropFilter'] "
+                                        "(pass --no-device-export")
+    # what the run did produce is kept, with the error
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert "Conv2DBackpropFilter" in summary["device"]["error"] and summary["device"]["file"] is None
     assert summary["edge_commands"] is None and summary["files"]["training_model"] is None
+    assert (tmp_path / "export" / "model_lce.tflite").is_file()
+    assert not (tmp_path / "export" / "model_train.tflite").exists()
+
+
+def test_no_device_export_skips_the_stage(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(export_training, "to_tflite", _failing_to_tflite)  # never reached
+    code = cli.main(["bnn", *TINY, "--hidden", "8", "--max-train", "128", "--no-device-export",
+                     "--out", str(tmp_path)])
+    assert code == 0
+    assert "on-device training model: skipped (--no-device-export)" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["device"] == {"file": None, "error": None, "skipped": "--no-device-export"}
+    assert summary["config"]["no_device_export"] is True and summary["edge_commands"] is None
     assert summary["accuracy"]["device_test_after_steps"] is None
     assert (tmp_path / "export" / "model_lce.tflite").is_file()
     assert not (tmp_path / "export" / "model_train.tflite").exists()
+
+
+def _tiny_adam_model():
+    model = build_model("mlp", "low_memory", input_shape=(4, 4, 1), num_classes=3, hidden=(6,))
+    return model, export_training.TrainingModule(model)
+
+
+def test_keras_adam_state_is_the_moments_of_the_step():
+    """After one Keras Adam step, m = (1 - beta_1) g and v = (1 - beta_2) g^2 with g the
+    gradient at the initial weights, computed here with a GradientTape."""
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(3)
+    model, module = _tiny_adam_model()
+    rng = np.random.default_rng(0)
+    x, y = rng.uniform(-1, 1, (8, 4, 4, 1)).astype(np.float32), np.array([0, 1, 2, 0, 1, 2, 0, 1])
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    with tf.GradientTape() as tape:
+        loss = loss_fn(y, model(x, training=True))
+    grads = dict(zip((export_training.state_name(v.name) for v in model.trainable_variables),
+                     (g.numpy() for g in tape.gradient(loss, model.trainable_variables))))
+    # the same model: the tape changed no trainable weight (only batch-norm moving statistics)
+    model.compile(keras.optimizers.Adam(1e-3), loss_fn)
+    model.train_on_batch(x, y)
+    state = cli._keras_adam_state(module, model.optimizer)
+    assert float(state["adam_step"]) == 1.0
+    assert set(state) == {"adam_step"} | {f"adam_{k}_{n}" for n in module.trainable_names for k in "mv"}
+    for name, g in grads.items():
+        np.testing.assert_allclose(state[f"adam_m_{name}"], 0.1 * g, rtol=1e-4, atol=1e-9, err_msg=name)
+        np.testing.assert_allclose(state[f"adam_v_{name}"], 0.001 * g * g, rtol=1e-4, atol=1e-12, err_msg=name)
+
+
+def test_keras_adam_state_refuses_partial_state_and_bop_is_fresh():
+    from keras_coherence.binary.training import make_optimizer
+
+    model, module = _tiny_adam_model()
+    adam = keras.optimizers.Adam(1e-3)
+    kernel = model.get_layer("fc_1").kernel
+    adam.apply_gradients([(keras.backend.zeros_like(kernel), kernel)])   # only one variable has moments
+    with pytest.raises(ValueError, match=r"cannot be carried to the device: no moments for \['adam_m_bn_fc_1_beta'"):
+        cli._keras_adam_state(module, adam)
+    # Bop's state is no Adam moment: the documented choice is fresh device moments
+    assert cli._keras_adam_state(module, make_optimizer("bop")) is None
 
 
 @pytest.mark.parametrize("extra, fragment", [
@@ -177,7 +269,8 @@ def test_bad_arguments_exit_2_with_one_line(extra, fragment, capsys, tmp_path):
 
 
 def test_bnn_help(capsys):
-    assert_help_lists(capsys, cli.main, "bnn", ("--method", "--optimizer", "--export", "--device-steps", "low_memory_po2", "resnet_e18"), absent=("--label-noise",))
+    assert_help_lists(capsys, cli.main, "bnn", ("--method", "--optimizer", "--export", "--device-steps", "low_memory_po2",
+                                                "resnet_e18", "--no-device-export"), absent=("--label-noise",))
 
 
 def test_demo_bnn_section(tmp_path, capsys, monkeypatch):
