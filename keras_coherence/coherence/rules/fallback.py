@@ -9,11 +9,24 @@ It is computed in chunks of examples with ``tf.vectorized_map`` (memory: chunk x
 layer parameters). A layer that mixes examples (batch statistics, ...) would make
 the per-example VJPs disagree with the batch gradient; the engine checks that sum
 and raises rather than report a wrong number.
+
+Recurrent layers (LSTM, GRU, Bidirectional, ...) run a ``while_loop`` whose gradient
+``tf.vectorized_map`` cannot vectorize; for them, and for any layer whose
+vectorization fails, the same per-example VJPs run one example after another with
+``tf.map_fn`` -- equally exact, and slower by roughly the chunk size.
 """
-from keras_coherence._keras import tf
+import logging
+
+from keras_coherence._keras import keras, tf
 from keras_coherence.coherence.registry import LayerRule, Trace, var_key
 
 DEFAULT_CHUNK = 64
+
+# Layer types known to defeat pfor (their backward is a while_loop over TensorLists):
+# go straight to the sequential map instead of paying for a failed conversion.
+_SEQUENTIAL_TYPES = (keras.layers.RNN, keras.layers.Bidirectional)
+# What a failed pfor conversion raises while the step is being traced.
+_PFOR_ERRORS = (TypeError, ValueError, NotImplementedError, tf.errors.InvalidArgumentError)
 
 
 def _is_batched(t):
@@ -56,15 +69,37 @@ class FallbackRule(LayerRule):
                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
 
         inputs = [flat[i] for i in mapped_idx]
+        signature = [tf.TensorSpec(v.shape, v.dtype) for v in variables]
+
+        def sequential(elems):
+            return tf.map_fn(one_example, elems, fn_output_signature=signature)
+
+        if isinstance(layer, _SEQUENTIAL_TYPES):
+            return sequential((inputs, list(cotangents)))
         batch = inputs[0].shape[0]
         if batch is None or batch <= self.chunk_size:
-            return tf.vectorized_map(one_example, (inputs, list(cotangents)))
+            return _vectorized_or_sequential(one_example, (inputs, list(cotangents)), sequential)
         chunks = []
         for start in range(0, batch, self.chunk_size):
             end = min(start + self.chunk_size, batch)
-            chunks.append(tf.vectorized_map(
-                one_example, ([t[start:end] for t in inputs], [c[start:end] for c in cotangents])))
+            chunks.append(_vectorized_or_sequential(
+                one_example, ([t[start:end] for t in inputs], [c[start:end] for c in cotangents]),
+                sequential))
         return [tf.concat(parts, 0) for parts in zip(*chunks)]
+
+
+def _vectorized_or_sequential(fn, elems, sequential):
+    """``tf.vectorized_map(fn, elems)``, or ``sequential(elems)`` where pfor cannot
+    convert the layer (its conversion errors are logged by TF at ERROR level: muted)."""
+    logger = tf.get_logger()
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        return tf.vectorized_map(fn, elems)
+    except _PFOR_ERRORS:
+        return sequential(elems)
+    finally:
+        logger.setLevel(level)
 
 
 FALLBACK = FallbackRule()
