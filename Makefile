@@ -17,8 +17,11 @@ $(STAMP): setup.cfg pyproject.toml
 demo: $(STAMP)
 	$(PY) -m keras_coherence demo --out runs/demo
 
+# One pytest worker per core (-n auto); each test file stays on one worker
+# (--dist loadfile) so module-scoped fixtures (exported models, trained nets) are
+# built once, not once per worker.
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --dist loadfile tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/coherence_overhead.py
