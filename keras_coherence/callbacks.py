@@ -7,7 +7,7 @@ import os
 from typing import Dict, List, Optional
 
 from keras_coherence._keras import keras, tf
-from keras_coherence.coherence.stats import gradient_stats
+from keras_coherence.coherence.stats import gradient_stats, validate_sample
 
 
 class CoherenceMonitor(keras.callbacks.Callback):
@@ -50,6 +50,7 @@ class CoherenceMonitor(keras.callbacks.Callback):
         super().__init__()
         if every_n_steps is not None and every_n_steps < 1:
             raise ValueError(f"every_n_steps must be a positive integer or None, got {every_n_steps}.")
+        validate_sample(x, y, sample_weight)  # fail at construction, not when fit starts
         self.x, self.y, self.sample_weight = x, y, sample_weight
         self.every_n_steps = every_n_steps
         self.per_layer = per_layer

@@ -280,7 +280,13 @@ def test_layer_that_mixes_examples_is_refused():
     ("no_loss", ValueError, "compile"),
     ("mismatch", ValueError, "examples"),
     ("empty", ValueError, "empty|at least one"),
-    ("nan", FloatingPointError, "Non-finite"),
+    ("nan", ValueError, "x holds 1 NaN or Inf"),
+    ("inf_weight", FloatingPointError, "Non-finite"),
+    ("label_too_large", ValueError, r"labels from 0 to 7, but model .* has 3 outputs"),
+    ("negative_label", ValueError, r"must lie in \[0, 3\)"),
+    ("fractional_label", ValueError, "non-integer labels"),
+    ("nan_sample_weight", ValueError, "sample_weight holds 1 NaN"),
+    ("short_sample_weight", ValueError, "sample_weight has 3"),
     ("bad_mode", ValueError, "batchnorm"),
 ])
 def test_bad_input_gets_clear_error(case, error, match):
@@ -299,8 +305,19 @@ def test_bad_input_gets_clear_error(case, error, match):
     elif case == "nan":
         x = x.copy()
         x[1, 2] = np.nan
+    elif case == "inf_weight":
+        kernel = model.layers[-1].kernel
+        kernel.assign(np.where(np.arange(kernel.shape[0])[:, None] == 1, np.inf, kernel.numpy()))
+    elif case == "label_too_large":
+        y = np.array([0, 1, 7, 1])
+    elif case == "negative_label":
+        y = np.array([0, -1, 1, 1])
+    elif case == "fractional_label":
+        y = np.array([0.0, 0.5, 1.0, 1.0])
+    sw = {"nan_sample_weight": np.array([1.0, np.nan, 1.0, 1.0]),
+          "short_sample_weight": np.ones(3)}.get(case)
     with pytest.raises(error, match=match):
-        gradient_stats(model, x, y, batchnorm="nope" if case == "bad_mode" else "inference")
+        gradient_stats(model, x, y, sw, batchnorm="nope" if case == "bad_mode" else "inference")
 
 
 def test_registry_refuses_subclass_that_overrides_call():
@@ -314,3 +331,27 @@ def test_registry_refuses_subclass_that_overrides_call():
     assert rule_for(MyDense(3))[0] is None
     assert "overrides call" in rule_for(MyDense(3))[1]
     assert rule_for(PlainSubclass(3))[0] is not None
+
+
+def test_label_errors_for_string_and_custom_losses():
+    """A string loss is checked before any work; a custom loss that rejects a label
+    inside the graph gives one clear ValueError, not a graph dump."""
+    x = np.ones((4, 4), "float32")
+    y = np.array([0, 1, 9, 2])
+    model = keras.Sequential([keras.layers.Dense(3, input_shape=(4,))])
+    model.compile(loss="sparse_categorical_crossentropy")
+    with pytest.raises(ValueError, match=r"labels from 0 to 9, but model .* has 3 outputs"):
+        gradient_stats(model, x, y)
+    model.compile(loss=lambda t, p: keras.losses.sparse_categorical_crossentropy(t, p, from_logits=True))
+    with pytest.raises(ValueError, match=r"per-example losses of model .* failed: .*label value of 9"):
+        gradient_stats(model, x, y)
+
+
+def test_monitor_refuses_a_bad_probe_sample_at_construction():
+    x = np.ones((5, 4), "float32")
+    with pytest.raises(ValueError, match="x has 5 examples but y has 4"):
+        kc.callbacks.CoherenceMonitor(x, np.zeros(4, int))
+    bad = x.copy()
+    bad[0, 0] = np.inf
+    with pytest.raises(ValueError, match="x holds 1 NaN or Inf"):
+        kc.callbacks.CoherenceMonitor(bad, np.zeros(5, int))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import weakref
 from typing import Dict, Optional
 
@@ -186,13 +187,8 @@ def gradient_stats(
         raise ValueError(f"Model {model.name!r} has no trainable variables.")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    m = _length(x, "x")
-    if m == 0:
-        raise ValueError("The sample is empty: pass at least one example.")
-    if _length(y, "y") != m:
-        raise ValueError(f"x has {m} examples but y has {_length(y, 'y')}.")
-    if sample_weight is not None and _length(sample_weight, "sample_weight") != m:
-        raise ValueError(f"x has {m} examples but sample_weight has {_length(sample_weight, 'sample_weight')}.")
+    m = validate_sample(x, y, sample_weight)
+    _check_sparse_labels(model, y)
 
     step, variables, layout = _compiled_step(model, batchnorm)
     sums = None
@@ -202,7 +198,14 @@ def gradient_stats(
         xb = tf.nest.map_structure(lambda t: tf.convert_to_tensor(t[sl]), x)
         yb = tf.nest.map_structure(lambda t: tf.convert_to_tensor(t[sl]), y)
         wb = None if sample_weight is None else tf.convert_to_tensor(np.asarray(sample_weight)[sl], "float32")
-        grads, sq, errors = step(xb, yb, wb)
+        try:
+            grads, sq, errors = step(xb, yb, wb)
+        except tf.errors.InvalidArgumentError as err:  # e.g. a label the loss rejects
+            raise ValueError(
+                f"Computing the per-example losses of model {model.name!r} failed: "
+                f"{_op_error_summary(err.message)} Check that y matches the model's output and "
+                "its compiled loss."
+            ) from None
         if check_fallback and start == 0:
             for name, err in errors.items():
                 if float(err) > _FALLBACK_RTOL:
@@ -222,3 +225,59 @@ def gradient_stats(
         for name, keys in layout["layer_vars"].items()
     }
     return _stats_from_sums(m, layer_s, layer_q)
+
+
+def validate_sample(x, y, sample_weight=None) -> int:
+    """Check a probe sample before any work; returns its number of examples.
+
+    Raises ValueError for an empty sample, arrays of different lengths and NaN/Inf
+    values (they would turn every statistic into NaN without an error)."""
+    m = _length(x, "x")
+    if m == 0:
+        raise ValueError("The sample is empty: pass at least one example.")
+    for what, data in (("y", y), ("sample_weight", sample_weight)):
+        if data is not None and _length(data, what) != m:
+            raise ValueError(f"x has {m} examples but {what} has {_length(data, what)}: "
+                             "pass one value per example.")
+    for what, data in (("x", x), ("y", y), ("sample_weight", sample_weight)):
+        for t in tf.nest.flatten(data) if data is not None else []:
+            values = np.asarray(t)
+            if values.dtype.kind in "fc" and not np.isfinite(values).all():
+                bad = int(np.size(values) - np.isfinite(values).sum())
+                raise ValueError(f"{what} holds {bad} NaN or Inf value(s); clean or drop those "
+                                 "examples before measuring gradients.")
+    return m
+
+
+_SPARSE_LOSSES = ("sparse_categorical_crossentropy", "SparseCategoricalCrossentropy")
+
+
+def _check_sparse_labels(model, y):
+    """Integer labels of a sparse categorical loss must lie in ``[0, classes)``: TF
+    raises deep inside the graph otherwise, and on some kernels returns NaN."""
+    loss = getattr(model, "loss", None)
+    name = getattr(loss, "__name__", None) or type(loss).__name__
+    if loss is None or name not in _SPARSE_LOSSES and loss not in _SPARSE_LOSSES:
+        return
+    outputs = getattr(model, "outputs", None)
+    if not outputs or len(outputs) != 1 or outputs[0].shape[-1] is None:
+        return
+    classes = int(outputs[0].shape[-1])
+    labels = np.asarray(tf.nest.flatten(y)[0])
+    if labels.dtype.kind in "f" and not np.array_equal(labels, np.round(labels)):
+        raise ValueError("y holds non-integer labels for a sparse categorical loss: pass "
+                         "class indices.")
+    if labels.size and (labels.min() < 0 or labels.max() >= classes):
+        raise ValueError(
+            f"y holds labels from {labels.min():g} to {labels.max():g}, but model "
+            f"{model.name!r} has {classes} outputs: labels of a sparse categorical loss must "
+            f"lie in [0, {classes}). Check the label encoding or the model's last layer."
+        )
+
+
+def _op_error_summary(message):
+    """The sentence a TF op error carries, without the graph's stack trace and node names."""
+    noise = ("File ", "[[", "Detected at node", "Graph execution error", "Stack trace", "[Op:")
+    lines = [re.sub(r"\s*\[\[.*|\s*\[Op:.*", "", line).strip() for line in str(message).splitlines()]
+    lines = [line for line in lines if line and not line.startswith(noise)]
+    return lines[-1] if lines else "unknown error."
