@@ -58,6 +58,7 @@ import time  # noqa: E402
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple  # noqa: E402
 
 import numpy as np  # noqa: E402
+from keras_coherence._output import OutputDirError, staged_output  # noqa: E402
 
 __all__ = ["UsageError", "arg", "demo_section", "main", "run_aggregate", "run_bnn", "run_coherence",
            "run_quantize", "subcommand"]
@@ -424,7 +425,7 @@ def coherence_command(args):
     """Train a model with plain SGD while CoherenceMonitor measures the m-coherence
     ||sum_i g_i||^2 / sum_i ||g_i||^2 of a fixed probe sample of training examples.
     Writes coherence.csv, coherence.png and summary.json to --out."""
-    run_coherence(args, args.out)
+    _run_staged(run_coherence, args)
     return 0
 
 
@@ -602,7 +603,7 @@ def aggregate_command(args):
     With --label-noise, it tracks after every epoch how well the model fits the
     corrupt training examples' noisy labels (memorization), the pristine ones and the
     test set. Writes aggregate.csv, aggregate.png and summary.json to --out."""
-    run_aggregate(args, args.out)
+    _run_staged(run_aggregate, args)
     return 0
 
 
@@ -788,7 +789,7 @@ def quantize_command(args):
     TFLite model and report the float, quantized (Keras) and TFLite test accuracy and
     whether every exported weight scale is an exact power of two. Writes
     quantize.csv, quantize.png, model.tflite and summary.json to --out."""
-    run_quantize(args, args.out)
+    _run_staged(run_quantize, args)
     return 0
 
 
@@ -1154,8 +1155,23 @@ def bnn_command(args):
     training steps of it in LiteRT and print the 'python -m edge train' command that
     continues on the device. Writes summary.json and memory.csv to --out and the .tflite
     files and train/test .npz data to --export."""
-    run_bnn(args, args.out)
+    _run_staged(run_bnn, args)
     return 0
+
+
+def _run_staged(run, args):
+    """``run(args, out_dir, log=...)`` into a fresh folder that replaces ``--out`` only
+    when the run succeeds (checked before any work; see keras_coherence._output)."""
+    with staged_output(args.out) as stage:
+        return run(args, stage.path, log=lambda line: print(stage.public(line), flush=True))
+
+
+def _demo_log(demo_args, quiet=None):
+    """The demo sections' log: silent with --quiet, final paths instead of staging ones."""
+    quiet = demo_args.quiet if quiet is None else quiet
+    stage = getattr(demo_args, "_stage", None)
+    public = stage.public if stage is not None else (lambda line: line)
+    return lambda line: None if quiet else print(public(line), flush=True)
 
 
 # --------------------------------------------------------------------------------------
@@ -1194,7 +1210,7 @@ def _demo_coherence(out_dir, demo_args):
     args = _defaults([*TRAINING_ARGS, *COHERENCE_ARGS], model="mlp", epochs=5, batch_size=50,
                      lr=0.1, probe_size=512, every_n_steps=8, seed=demo_args.seed,
                      quiet=demo_args.quiet)
-    s = run_coherence(args, out_dir)
+    s = run_coherence(args, out_dir, log=_demo_log(demo_args, quiet=False))
     mc = s["m_coherence"]
     return (f"m-coherence {mc['first']['value']:.3g} -> peak {mc['peak']['value']:.3g} -> "
             f"{mc['last']['value']:.3g}; test accuracy {s['accuracy']['test']:.3f}")
@@ -1222,7 +1238,7 @@ def _demo_aggregation(out_dir, demo_args):
                          quiet=True)
         arm = _parse_aggregator(spec, args.batch_size)
         arm_dir = os.path.join(out_dir, arm.spec.replace(":", "_").replace("=", ""))  # e.g. winsorized_c8
-        s = run_aggregate(args, arm_dir, log=lambda line: None if demo_args.quiet else print(line, flush=True))
+        s = run_aggregate(args, arm_dir, log=_demo_log(demo_args))
         runs[arm.label] = experiments.read_rows(os.path.join(arm_dir, "aggregate.csv"))
         f = s["accuracy"]["final"]
         lines.append(f"{arm.label} corrupt {f['corrupt']:.2f} test {f['test']:.2f}")
@@ -1249,7 +1265,7 @@ def _demo_quantization(out_dir, demo_args):
     args = _defaults(QUANTIZE_ARGS, model=cfg["model"], hidden=tuple(cfg["hidden"]), max_train=cfg["max_train"],
                      float_epochs=cfg["float_epochs"], qat_epochs=cfg["qat_epochs"], bits=cfg["bits"],
                      method=cfg["method"], batch_size=cfg["batch_size"], seed=demo_args.seed, quiet=True)
-    s = run_quantize(args, out_dir, log=lambda line: None if demo_args.quiet else print(line, flush=True))
+    s = run_quantize(args, out_dir, log=_demo_log(demo_args))
     acc, lite = s["accuracy"], s["tflite"]
     return (f"test accuracy float {acc['float']:.3f}, {s['quantization']['bits']}-bit Keras "
             f"{acc['quantized_keras']:.3f}, TFLite {acc['tflite']:.3f}; PO2 scales "
@@ -1271,7 +1287,7 @@ def _demo_bnn(out_dir, demo_args):
     args = _defaults(BNN_ARGS, model=cfg["model"], method=cfg["method"], hidden=cfg["hidden"],
                      max_train=cfg["max_train"], epochs=cfg["epochs"], batch_size=cfg["batch_size"],
                      device_steps=cfg["device_steps"], seed=demo_args.seed, quiet=True)
-    s = run_bnn(args, out_dir, log=lambda line: None if demo_args.quiet else print(line, flush=True))
+    s = run_bnn(args, out_dir, log=_demo_log(demo_args))
     losses = s["device"].get("losses")
     trend = (f"device loss {losses[0]:.3f} -> {losses[-1]:.3f} in {len(losses)} steps" if losses
              else "no on-device training model")
@@ -1303,12 +1319,14 @@ def demo_command(args):
         names = [s for s in names if s in args.only]
     start = time.perf_counter()
     results = []
-    for i, name in enumerate(names, 1):
-        title, run = _DEMO_SECTIONS[name]
-        print(f"\n[{i}/{len(names)}] {name}: {title}", flush=True)
-        t0 = time.perf_counter()
-        line = run(os.path.join(args.out, name), args)
-        results.append((name, line, time.perf_counter() - t0))
+    with staged_output(args.out) as stage:  # the old --out is replaced only on success
+        args._stage = stage
+        for i, name in enumerate(names, 1):
+            title, run = _DEMO_SECTIONS[name]
+            print(f"\n[{i}/{len(names)}] {name}: {title}", flush=True)
+            t0 = time.perf_counter()
+            line = run(os.path.join(stage.path, name), args)
+            results.append((name, stage.public(line), time.perf_counter() - t0))
     print(f"\ndemo finished in {time.perf_counter() - start:.0f} s; results in {args.out}/")
     for name, line, seconds in results:
         print(f"  {name:<12} {line}  ({seconds:.0f} s)")
@@ -1336,7 +1354,7 @@ def main(argv: Optional[List[str]] = None, prog: str = PROG) -> int:
             tf.config.list_physical_devices()
         try:
             return int(args._run(args) or 0)
-        except UsageError as err:
+        except (UsageError, OutputDirError) as err:
             print(f"{prog} {args.command}: error: {err}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
