@@ -61,10 +61,32 @@ def test_coherence_writes_consistent_outputs(tiny_run):
     layer_cols = [k for k in rows[0] if k.startswith("m_coherence/")]
     assert layer_cols == ["m_coherence/dense_1", "m_coherence/logits"]
 
-    for key in ("train", "test", "train_clean_labels"):
-        assert 0.0 <= summary["accuracy"][key] <= 1.0
-    assert summary["wall_seconds"]["total"] > 0
+    # Accuracies on 256 training / 1,000 test images are whole counts of examples.
+    for key, count in (("train", 256), ("train_clean_labels", 256), ("test", 1000)):
+        assert summary["accuracy"][key] * count == pytest.approx(round(summary["accuracy"][key] * count))
     _assert_png(out / "coherence.png")
+
+
+def test_coherence_first_row_equals_brute_force_on_the_same_initial_model(tiny_run):
+    """Step 0 (before any update): rebuild the run's model, data and probe with its
+    seed, and compute the probe's m-coherence one example at a time."""
+    from keras_coherence._keras import keras
+    from reference import coherence_reference
+
+    _, out = tiny_run
+    rows, summary = read_run_outputs(out, "coherence")
+    args = cli._defaults([*cli.TRAINING_ARGS, *cli.COHERENCE_ARGS], max_train=256, epochs=1, batch_size=32,
+                         probe_size=64, every_n_steps=3, hidden=(16,), quiet=True, seed=1, label_noise=0.5)
+    keras.utils.set_random_seed(args.seed)  # the run's own order of random draws
+    (x_train, y_train), _, num_classes, input_shape = cli._load_data(args)
+    y_fit, _ = cli._noise(args, y_train, num_classes)
+    probe = np.sort(np.random.default_rng(args.seed).choice(len(x_train), size=64, replace=False))
+    model = cli._build(args, input_shape, num_classes)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    ref_mc, *_ = coherence_reference(model, loss, x_train[probe], y_fit[probe])
+    assert int(rows[0]["step"]) == 0
+    assert float(rows[0]["m_coherence"]) == pytest.approx(ref_mc, rel=1e-4)
+    assert summary["m_coherence"]["first"]["value"] == pytest.approx(ref_mc, rel=1e-4)
 
 
 def test_coherence_prints_summary(tiny_run, capsys, tmp_path):

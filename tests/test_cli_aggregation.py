@@ -41,12 +41,11 @@ def test_aggregate_writes_consistent_outputs(tiny_aggregate):
     assert [int(r["step"]) for r in rows] == [0, 4, 8]
     assert list(rows[0])[:7] == ["epoch", "step", "seconds", "pristine_accuracy", "corrupt_accuracy",
                                  "corrupt_true_accuracy", "test_accuracy"]
+    # Accuracies are whole counts of 100 pristine / 100 corrupt / 1,000 test examples.
     for r in rows:
-        for key in ("pristine_accuracy", "corrupt_accuracy", "corrupt_true_accuracy", "test_accuracy"):
-            assert 0.0 <= float(r[key]) <= 1.0
-    # Accuracies on 100 pristine / 100 corrupt examples are multiples of 1/100.
-    for r in rows:
-        assert float(r["corrupt_accuracy"]) * 100 == pytest.approx(round(float(r["corrupt_accuracy"]) * 100))
+        for key, count in (("pristine_accuracy", 100), ("corrupt_accuracy", 100),
+                           ("corrupt_true_accuracy", 100), ("test_accuracy", 1000)):
+            assert float(r[key]) * count == pytest.approx(round(float(r[key]) * count)), key
     # Corrupt labels never equal the true ones (mode uniform): the two accuracies on the
     # corrupt examples cannot add up to more than 1.
     assert all(float(r["corrupt_accuracy"]) + float(r["corrupt_true_accuracy"]) <= 1.0 + 1e-9 for r in rows)

@@ -51,7 +51,6 @@ def test_update_equals_plain_keras_step(bn, reg, weights):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
     np.testing.assert_allclose(h1.history["loss"], h2.history["loss"], rtol=1e-5)
     assert any(k.startswith("m_coherence/") for k in h2.history)
-    assert all(np.isfinite(h2.history["m_coherence"]))
 
 
 def test_save_and_load_roundtrip(tmp_path):
