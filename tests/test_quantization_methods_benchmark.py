@@ -89,3 +89,11 @@ def test_table_shows_mean_and_std(qm):
     rows = [_row(s, "q", k) for s, k in ((0, 0.70), (1, 0.80), (2, 0.90))]
     table = qm.format_tables(qm.summarize(rows))
     assert "| 0.800 ± 0.100 |" in table  # std of 0.7, 0.8, 0.9 with ddof=1 is exactly 0.1
+
+
+def test_litert_parity_column_is_the_worst_seed(qm):
+    rows = [_row(s, "q", 0.8) for s in (0, 1, 2)]
+    for r, agreement, steps in zip(rows, (1.0, 0.998, 1.0), (0.0, 5.0, 0.0)):
+        r["litert_agreement"], r["litert_logit_steps_max"] = agreement, steps
+    table = qm.format_tables(qm.summarize(rows))
+    assert "| 0.998 (5) |" in table  # not the means 0.999 (2)
