@@ -141,3 +141,55 @@ def test_litert_rounding_rejects_unknown_kernels(mixed_qat):
     with pytest.raises(ValueError, match="kernels='xnnpack'.*optimized"):
         with litert_rounding(mixed_qat[0], kernels="xnnpack"):
             pass
+
+
+# ------------------------------------------- every PO2 method at 2, 4 and 8 bits
+_METHODS = ("msqe_baseline", "msqe", "learned")  # qat.METHODS without its aliases
+_BITS = (2, 4, 8)
+
+
+def test_the_method_list_covers_qat_methods():
+    from keras_coherence.quantization.qat import METHODS
+
+    assert {METHODS[m] for m in _METHODS} == set(METHODS.values())
+
+
+@pytest.fixture(scope="module")
+def every_method():
+    """``{(method, bits): (model, tflite bytes)}`` of ``_mixed_net("pool")`` (conv,
+    depthwise, residual ADD, MEAN, dense): quantized, activation ranges calibrated,
+    one eager training call on 64 samples (each method picks its exponents, the learned
+    one initializes its scales), exported. Eager calls: no graph tracing, a few seconds each."""
+    rng = np.random.default_rng(11)
+    x = rng.random((64, 12, 12, 3), dtype=np.float32)
+    out = {}
+    for method in _METHODS:
+        for bits in _BITS:
+            keras.utils.set_random_seed(bits)
+            model = quantize_model(_mixed_net("pool"), bits=bits, method=method, calibration_data=x)
+            model(x, training=True)
+            out[method, bits] = model, to_tflite(model)
+    return out, x
+
+
+@pytest.mark.parametrize("bits", _BITS)
+@pytest.mark.parametrize("method", _METHODS)
+def test_every_method_and_bit_width_is_bit_exact_against_litert(every_method, method, bits):
+    models, x = every_method
+    model, tflite_model = models[method, bits]
+    lite = run_tflite(tflite_model, x)
+    step = tflite_output_step(tflite_model)
+    with litert_rounding(model) as report:
+        emulated = model(x, training=False).numpy()
+    assert not report["skipped"] and len(report["patched"]) == len(_MIXED)
+    # The same int8 output code for every logit: the dequantized values agree to float
+    # rounding, and both lie on LiteRT's output grid.
+    np.testing.assert_array_equal(np.round(emulated / step), np.round(lite / step))
+    np.testing.assert_allclose(emulated, lite, rtol=0, atol=1e-3 * step)
+    # The exported kernels are the bit width's integers on PO2 scales.
+    qp = 2 ** (bits - 1) - 1
+    from keras_coherence.quantization.export import tflite_kernels
+
+    for k in tflite_kernels(tflite_model):
+        assert np.abs(k["values"].astype(int)).max() <= qp
+        assert np.all(np.frexp(k["scales"])[0] == 0.5), k["name"]

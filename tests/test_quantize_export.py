@@ -87,11 +87,11 @@ def _trained_float():
     return model
 
 
-def _qat(method, bits, fold=True, options=None):
+def _qat(method, bits, fold=True, options=None, allow_float_scales=False):
     """quantize_model (activation ranges calibrated on 500 samples) + 8 QAT steps."""
     x, y = _data(500, seed=0)
     model = quantize_model(_trained_float(), bits=bits, method=method, fold_batchnorm=fold,
-                           quantizer_options=options, calibration_data=x)
+                           quantizer_options=options, calibration_data=x, allow_float_scales=allow_float_scales)
     model.compile(keras.optimizers.Adam(1e-3), _LOSS)
     history = model.fit(x[:400], y[:400], batch_size=50, epochs=1, verbose=0)
     return model, history
@@ -280,28 +280,143 @@ def test_litert_output_matches_keras_fake_quant_output(exported):
     assert diff_steps.max() <= 4.0
 
 
-def test_scales_are_po2_because_of_folding():
-    model, _ = _qat("msqe", 4, fold=False, options={"outlier_mask": False})
+def test_unfolded_batchnorm_raises_unless_float_scales_are_allowed():
+    with pytest.raises(ValueError, match=r"bn1 after conv \(fold_batchnorm=False\); bn2 after dw .*"
+                                         r"allow_float_scales=True"):
+        quantize_model(_trained_float(), fold_batchnorm=False)
+    model, _ = _qat("msqe", 4, fold=False, options={"outlier_mask": False}, allow_float_scales=True)
     assert not any(isinstance(getattr(w, "layer", None), (FoldedConv2D, FoldedDepthwiseConv2D))
                    for w in model.layers)
-    kernels = q_export.tflite_kernels(to_tflite(model))
+    # The converter folds the remaining BNs into the conv weights (scale * gamma / sigma):
+    # to_tflite reads the file back and names the two tensors, the dense one is fine.
+    with pytest.raises(ValueError, match="power-of-two scales") as caught:
+        to_tflite(model)
+    kernels = q_export.tflite_kernels(to_tflite(model, allow_float_scales=True))
     by_op = {k["op"]: k for k in kernels}
-    # the converter folds the remaining BN into the conv weights: scale * gamma / sigma
+    message = str(caught.value)
+    assert f"{by_op['conv2d']['name']} (conv2d: 8 of 8 scales not powers of two" in message
+    assert f"{by_op['depthwise_conv2d']['name']} (depthwise_conv2d: 8 of 8 scales" in message
+    assert by_op["dense"]["name"] not in message
     assert not _is_po2(by_op["conv2d"]["scales"])
     assert not _is_po2(by_op["depthwise_conv2d"]["scales"])
     assert _is_po2(by_op["dense"]["scales"])  # no BN after the dense
 
 
-def test_qat_model_save_and_load_round_trip(exported, tmp_path):
-    model, _, _, _ = exported
-    path = str(tmp_path / "qat.h5")
-    with q_qat.quantize_scope():
-        model.save(path)
-        loaded = keras.models.load_model(path, compile=False)
+def test_scale_check_flags_non_po2_and_nonzero_zero_points(monkeypatch):
+    """``_check_po2_scales`` on made-up weight tensors: exact PO2 scales pass; a scale
+    one ulp off, a negative one, an empty one (float weights) or a zero point 1 fail."""
+    fake = [
+        {"op": "conv2d", "name": "ok", "scales": np.array([0.25, 2.0 ** -9], np.float32),
+         "zero_points": np.zeros(2, np.int64)},
+        {"op": "dense", "name": "ulp", "scales": np.array([np.nextafter(np.float32(0.5), np.float32(1))]),
+         "zero_points": np.zeros(1, np.int64)},
+        {"op": "dense", "name": "negative", "scales": np.array([-0.5], np.float32), "zero_points": np.zeros(1)},
+        {"op": "dense", "name": "float", "scales": np.zeros(0, np.float32), "zero_points": np.zeros(0)},
+        {"op": "conv2d", "name": "zp", "scales": np.array([0.5], np.float32), "zero_points": np.array([1])},
+    ]
+    monkeypatch.setattr(q_export, "tflite_kernels", lambda _: fake)
+    with pytest.raises(ValueError) as caught:
+        q_export._check_po2_scales(b"")
+    message = str(caught.value)
+    assert "ok (" not in message
+    assert "ulp (dense: 1 of 1 scales not powers of two" in message and "negative (dense" in message
+    assert "float (dense: no quantization scale" in message and "zp (conv2d: zero point != 0)" in message
+    monkeypatch.setattr(q_export, "tflite_kernels", lambda _: fake[:1])
+    q_export._check_po2_scales(b"")  # all exact: no error
+
+
+def _conv_bn(**conv_kwargs):
+    inp = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, name="conv", **conv_kwargs)(inp)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    return keras.Model(inp, keras.layers.Dense(2, name="dense")(x))
+
+
+def test_unfoldable_batchnorm_raises_with_the_reason():
+    with pytest.raises(ValueError, match=r"bn after conv \(the convolution has a non-linear activation\)"):
+        quantize_model(_conv_bn(activation="relu"))
+    inp = keras.Input((6,))
+    x = keras.layers.Dense(4, name="d1")(inp)
+    x = keras.layers.BatchNormalization(name="bn_d")(x)
+    dense_bn = keras.Model(inp, keras.layers.Dense(2, name="d2")(x))
+    with pytest.raises(ValueError, match=r"bn_d after d1 \(a Dense \+ BatchNormalization pair is not folded\)"):
+        quantize_model(dense_bn)
+    # The opt-out builds the model; the BN stays a layer of its own.
+    qmodel = quantize_model(dense_bn, allow_float_scales=True)
+    assert [k.name for k in q_qat.quantized_kernels(qmodel)] == ["d1", "d2"]
+    assert any(getattr(layer, "layer", layer).name == "bn_d" for layer in qmodel.layers)
+
+
+def _po2_state(model):
+    """``{layer/role: value}`` of every PO2 quantizer variable (exponents, learned
+    log2-scales, second moments, flags)."""
+    return {f"{k.name}/{role}": v.numpy().copy() for k in q_qat.quantized_kernels(model)
+            for role, v in k.state.items()}
+
+
+def _check_round_trip(model, loaded, tflite_model):
+    assert len(loaded.weights) == len(model.weights)
     for a, b in zip(model.weights, loaded.weights):
-        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.name)
+        np.testing.assert_array_equal(b.numpy(), a.numpy(), err_msg=a.name)
+    before, after = _po2_state(model), _po2_state(loaded)
+    assert sorted(after) == sorted(before) and any(k.endswith("/exponent") for k in before)
+    for key in before:
+        np.testing.assert_array_equal(after[key], before[key], err_msg=key)
     x, _ = _data(16, seed=3)
     np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+    # The loaded model exports the integers LiteRT reads from the original model's file.
+    file_kernels = q_export.tflite_kernels(tflite_model)
+    loaded_kernels = list(integer_weights(loaded).values())
+    assert len(loaded_kernels) == len(file_kernels) == 3
+    for tfl, ours in zip(file_kernels, loaded_kernels):
+        np.testing.assert_array_equal(tfl["values"], ours.tflite_layout())
+        np.testing.assert_array_equal(tfl["scales"], np.broadcast_to(ours.scales, tfl["scales"].shape))
+
+
+@pytest.mark.parametrize("how", ["load_model", "custom_objects", "scope"])
+def test_qat_model_keras_file_round_trip(exported, tmp_path, how):
+    model, tflite_model, _, _ = exported
+    path = str(tmp_path / "qat.keras")
+    model.save(path)
+    if how == "load_model":
+        loaded = q_qat.load_model(path, compile=False)
+    elif how == "custom_objects":
+        from keras_coherence.quantization import custom_objects
+
+        loaded = keras.models.load_model(path, custom_objects=custom_objects(), compile=False)
+    else:
+        with q_qat.quantize_scope():
+            loaded = keras.models.load_model(path, compile=False)
+    _check_round_trip(model, loaded, tflite_model)
+    if how == "load_model":  # saved again from the loaded model (its QuantizeLayer is this package's)
+        again = str(tmp_path / "again.keras")
+        loaded.save(again)
+        _check_round_trip(model, q_qat.load_model(again, compile=False), tflite_model)
+
+
+def test_qat_model_h5_and_savedmodel_round_trip(exported, tmp_path):
+    model, tflite_model, _, _ = exported
+    for path in (str(tmp_path / "qat.h5"), str(tmp_path / "saved_model")):
+        model.save(path)
+        _check_round_trip(model, q_qat.load_model(path, compile=False), tflite_model)
+
+
+def test_loading_without_the_custom_objects_fails_clearly(tmp_path):
+    qmodel = quantize_model(keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="d")], name="tiny"))
+    qmodel(np.ones((2, 3), np.float32), training=True)
+    # .keras: Keras itself cannot resolve tfmot's layers (its own TypeError, before any of
+    # this package's code runs); docs/quantization.md gives the custom_objects fix.
+    qmodel.save(str(tmp_path / "q.keras"))
+    with pytest.raises(TypeError):
+        keras.models.load_model(str(tmp_path / "q.keras"))
+    # SavedModel: Keras revives generic layers; the exporters say what happened.
+    qmodel.save(str(tmp_path / "sm"))
+    revived = keras.models.load_model(str(tmp_path / "sm"))
+    for export in (to_tflite, integer_weights):
+        with pytest.raises(ValueError, match=r"'tiny' was loaded from a SavedModel .*quantize_layer(_\d+)?, quant_d.*"
+                                             r"keras_coherence.quantization.load_model"):
+            export(revived)
 
 
 def test_calibrate_activations_sets_batch_ranges_only():
@@ -348,7 +463,8 @@ def test_unsupported_layers_raise_or_stay_float():
     x = keras.layers.Dense(4, name="d1")(inp)
     x = keras.layers.LayerNormalization(name="ln")(x)
     model = keras.Model(inp, keras.layers.Dense(2, name="d2")(x))
-    with pytest.raises(ValueError, match=r"ln \(LayerNormalization\)"):
+    with pytest.raises(ValueError, match=r"cannot quantize these layers: ln \(LayerNormalization\)\. "
+                                         r"Supported: Dense, Conv2D and DepthwiseConv2D"):
         quantize_model(model)
     qmodel = quantize_model(model, unsupported="float")
     assert isinstance(qmodel.get_layer("ln"), keras.layers.LayerNormalization)
@@ -356,6 +472,91 @@ def test_unsupported_layers_raise_or_stay_float():
     qmodel(np.ones((4, 6), np.float32), training=True)
     with pytest.raises(ValueError, match="still computes in float"):
         to_tflite(qmodel)  # never a silently half-float file
+
+
+def test_nested_and_subclassed_models_are_rejected():
+    inner = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="inner_dense")], name="block")
+    inp = keras.Input((4,))
+    nested = keras.Model(inp, keras.layers.Dense(2, name="head")(inner(inp)))
+    with pytest.raises(ValueError, match=r"block \(a nested Sequential model: rebuild the outer model"):
+        quantize_model(nested)
+
+    class Sub(keras.Model):
+        def __init__(self):
+            super().__init__(name="sub")
+            self.dense = keras.layers.Dense(2)
+
+        def call(self, x):
+            return self.dense(x)
+
+    sub = Sub()
+    sub(np.ones((1, 3), np.float32))
+    with pytest.raises(ValueError, match=r"quantize_model supports Functional and Sequential .*Sub 'sub'"):
+        quantize_model(sub)
+    with pytest.raises(ValueError, match="needs a keras.Model, got str"):
+        quantize_model("model.keras")
+
+
+def test_kernel_layers_without_a_po2_quantizer_raise():
+    inp = keras.Input((4, 4, 3))
+    x = keras.layers.Conv2DTranspose(4, 3, name="deconv")(inp)
+    model = keras.Model(inp, keras.layers.Dense(2, name="d")(keras.layers.Flatten(name="flat")(x)))
+    with pytest.raises(ValueError, match=r"no PO2 quantizer for the weights of: deconv \(Conv2DTranspose\).*"
+                                         r"allow_float_scales=True"):
+        quantize_model(model)
+    qmodel = quantize_model(model, allow_float_scales=True)  # tfmot's 8-bit float-scale config
+    assert [k.name for k in q_qat.quantized_kernels(qmodel)] == ["d"]
+    # Conv1D: tfmot has no configuration at all; the error lists what is supported.
+    inp = keras.Input((8, 3))
+    conv1d = keras.Model(inp, keras.layers.Conv1D(4, 3, name="conv1d")(inp))
+    with pytest.raises(ValueError, match=r"cannot quantize these layers: conv1d \(Conv1D\)\. Supported: Dense"):
+        quantize_model(conv1d)
+
+
+def _dense_qat():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, name="d1"),
+                              keras.layers.ReLU(name="relu"), keras.layers.Dense(2, name="d2")])
+    return model
+
+
+def test_nan_or_inf_weights_and_calibration_data_raise():
+    model = _dense_qat()
+    good = model.get_weights()
+    kernel = good[0].copy()
+    kernel[0, 0] = np.nan
+    model.set_weights([kernel, *good[1:]])
+    with pytest.raises(ValueError, match=r"weights d1/kernel:0 contain NaN or Inf"):
+        quantize_model(model)
+    model.set_weights(good)
+    x = np.random.default_rng(0).normal(size=(16, 3)).astype(np.float32)
+    bad_x = x.copy()
+    bad_x[3, 1] = np.inf
+    with pytest.raises(ValueError, match="calibration batch contains NaN or Inf"):
+        quantize_model(model, calibration_data=bad_x)
+    qmodel = quantize_model(model, calibration_data=x)
+    qmodel(x, training=True)
+    with pytest.raises(ValueError, match="representative_data contains NaN or Inf"):
+        to_tflite(qmodel, representative_data=bad_x)
+    # A diverged QAT run: a NaN kernel is named before anything is frozen or converted.
+    kernel = next(k.weight for k in q_qat.quantized_kernels(qmodel) if k.name == "d2")
+    kernel.assign(tf.fill(kernel.shape, np.inf))
+    with pytest.raises(ValueError, match=r"to_tflite: d2/kernel:0 contain NaN or Inf"):
+        to_tflite(qmodel)
+    # The quantizers themselves refuse NaN / Inf in training (check_numerics).
+    with pytest.raises(tf.errors.InvalidArgumentError, match="contains NaN or Inf"):
+        qmodel(x, training=True)
+
+
+def test_negative_folded_variance_raises_in_to_tflite():
+    model = _tiny()
+    qmodel = quantize_model(model)
+    conv = qmodel.get_layer("quant_conv").layer
+    variance = conv.moving_variance.numpy()
+    variance[2] = -1.0  # variance + eps < 0: the fold factor rsqrt is NaN
+    conv.moving_variance.assign(variance)
+    with pytest.raises(ValueError, match=r"conv \(folded kernel\) contain NaN or Inf"):
+        to_tflite(qmodel)
 
 
 def test_argument_checks():

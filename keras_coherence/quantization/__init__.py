@@ -13,9 +13,12 @@ imported on first use):
   quantizers (``PO2QuantizeConfig`` / ``PO2KernelQuantizer``) and BN folded into
   the convolutions (``fold_batchnorm``, ``FoldedConv2D``, ``FoldedDepthwiseConv2D``);
 * ``to_tflite(model)``: integer TFLite bytes whose weight scales are exact powers of
-  two with zero point 0; ``integer_weights(model)``: the same integers and exponents
-  per layer (``IntegerKernel``); ``freeze_quantizers``, ``quantize_scope``,
-  ``tflite_kernels``, ``run_tflite``.
+  two with zero point 0 (read back and checked; ``allow_float_scales=True`` opts
+  out); ``integer_weights(model)``: the same integers and exponents per layer
+  (``IntegerKernel``); ``freeze_quantizers``, ``tflite_kernels``, ``run_tflite``;
+* saving: ``model.save("qat.keras")`` and ``load_model(path)`` (or
+  ``keras.models.load_model(path, custom_objects=custom_objects())``, or inside
+  ``quantize_scope()``) restore every variable, PO2 exponents included.
 
 Monitoring (``monitor``; imported on first use): ``ScaleMonitor(every_n_steps=1)``,
 a Keras callback recording every PO2 quantizer's exponents, exponent flips, clip
@@ -54,6 +57,8 @@ __all__ = [
     "fold_batchnorm",
     "quantize_model",
     "quantize_scope",
+    "custom_objects",
+    "load_model",
     "PO2QuantizeConfig",
     "PO2KernelQuantizer",
     "freeze_quantizers",
@@ -75,6 +80,8 @@ _LAZY = {
     "fold_batchnorm": "folding",
     "quantize_model": "qat",
     "quantize_scope": "qat",
+    "custom_objects": "qat",
+    "load_model": "qat",
     "PO2QuantizeConfig": "qat",
     "PO2KernelQuantizer": "qat",
     "freeze_quantizers": "qat",

@@ -77,11 +77,26 @@ class IntegerKernel:
 
 def _qat_kernels(model):
     kernels = qat.quantized_kernels(model)
+    revived = [layer.name for layer in getattr(model, "layers", []) if _revived(layer)]
+    if not kernels and revived:
+        raise ValueError(
+            f"{model.name!r} was loaded from a SavedModel without this package's classes: Keras revived "
+            f"its layers ({', '.join(revived[:5])}{', ...' if len(revived) > 5 else ''}) as generic ones "
+            "without the PO2 quantizers. Load it with keras_coherence.quantization.load_model(path) (or "
+            "keras.models.load_model(path, custom_objects=keras_coherence.quantization.custom_objects())), "
+            "or save the QAT model as a .keras file and load that"
+        )
     if not kernels:
         raise ValueError(
             f"{model.name!r} has no PO2 kernel quantizers; build it with keras_coherence.quantization.quantize_model"
         )
     return kernels
+
+
+def _revived(layer):
+    """Whether Keras rebuilt ``layer`` from a SavedModel's functions (its class unknown
+    at load time) instead of from its config."""
+    return type(layer).__module__.endswith("saving.legacy.saved_model.load")
 
 
 def integer_weights(model):
@@ -116,10 +131,16 @@ def _representative(data, rank):
     """A ``representative_dataset`` generator of single-example batches."""
     if callable(data):
         return data
+    if isinstance(data, (np.ndarray, list, tuple)) and not all(np.all(np.isfinite(np.asarray(x, np.float32)))
+                                                               for x in data):
+        raise ValueError("to_tflite: representative_data contains NaN or Inf; calibrate with finite samples")
 
     def gen():
         for x in data:
             x = np.asarray(x, np.float32)
+            if not np.all(np.isfinite(x)):
+                raise ValueError("to_tflite: representative_data contains NaN or Inf; calibrate with finite "
+                                 "samples (the converter would otherwise derive the ranges from them)")
             if x.ndim == rank - 1:
                 x = x[None]
             for i in range(len(x)):
@@ -128,7 +149,7 @@ def _representative(data, rank):
     return gen
 
 
-def to_tflite(model, representative_data=None):
+def to_tflite(model, representative_data=None, allow_float_scales=False):
     """Integer TFLite flatbuffer (bytes) of a ``quantize_model`` QAT model.
 
     Freezes the PO2 quantizers (the exponents of the last training step, or a
@@ -137,7 +158,12 @@ def to_tflite(model, representative_data=None):
     converter as ``fake_quant(w_q, -127 s, 127 s)`` (narrow range, 8 bits), so its
     int8 weights get the scale ``s`` and zero point 0. The result is checked to
     compute in integers only (float QUANTIZE / DEQUANTIZE at the input and output
-    excepted): a float op raises ``ValueError`` instead of a half-float file.
+    excepted): a float op raises ``ValueError`` instead of a half-float file. The
+    file's weight tensors (CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED filters) are
+    read back too: a scale that is not an exact power of two, or a zero point other
+    than 0, raises ``ValueError`` naming the tensors (a BatchNormalization the
+    converter folded into the weights, a kernel without a PO2 quantizer), unless
+    ``allow_float_scales=True``.
 
     Args:
         model: a QAT model from ``quantize_model`` with 8-bit activations.
@@ -145,7 +171,10 @@ def to_tflite(model, representative_data=None):
             or a ``representative_dataset`` generator function, for tensors whose
             ranges the QAT model does not fix (not needed for ``quantize_model``
             models, whose every tensor has a fake-quant range). With it the
-            converter is also restricted to ``TFLITE_BUILTINS_INT8``.
+            converter is also restricted to ``TFLITE_BUILTINS_INT8``. Its samples
+            must be finite (NaN / Inf raise ``ValueError``).
+        allow_float_scales: accept weight tensors whose scales are not powers of two
+            (see ``quantize_model(allow_float_scales=True)``).
 
     Returns:
         ``bytes``: the TFLite model (float input and output).
@@ -158,10 +187,57 @@ def to_tflite(model, representative_data=None):
                 f"to_tflite needs 8-bit activations (TFLite int8 kernels; the converter ignores a fake-quant's "
                 f"num_bits), but {wrapper.layer.name} quantizes its activation to {bits} bits"
             )
+    _check_finite_weights(model, kernels)
     qat.freeze_quantizers(model)
     tflite_model = _convert(model, kernels, representative_data)
     _check_integer(tflite_model)
+    if not allow_float_scales:
+        _check_po2_scales(tflite_model)
     return tflite_model
+
+
+def _check_finite_weights(model, kernels):
+    """Raises ``ValueError`` naming the variables (and folded kernels) holding NaN or Inf."""
+    bad = [v.name for v in model.variables if v.dtype.is_floating and not np.all(np.isfinite(v.numpy()))]
+    bad += [f"{k.name} (folded kernel)" for k in kernels
+            if k.quantizer.folded and not np.all(np.isfinite(k.view().numpy()))]
+    if bad:
+        raise ValueError(
+            "to_tflite: " + ", ".join(bad) + " contain NaN or Inf (a diverged training run, or a "
+            "BatchNormalization moving variance + epsilon <= 0); restore finite weights before exporting"
+        )
+
+
+def _is_po2(scales):
+    """Elementwise: positive, finite, and an exact power of two (mantissa 0.5)."""
+    scales = np.asarray(scales, np.float64)
+    return np.isfinite(scales) & (scales > 0) & (np.frexp(scales)[0] == 0.5)
+
+
+def _check_po2_scales(tflite_model):
+    """Raises ``ValueError`` naming every weight tensor with a scale that is not an exact
+    power of two or a zero point other than 0."""
+    bad = []
+    for k in tflite_kernels(tflite_model):
+        scales, zero_points = k["scales"], k["zero_points"]
+        problems = []
+        if scales.size == 0:
+            problems.append("no quantization scale (float weights)")
+        elif not np.all(_is_po2(scales)):
+            first = scales[~_is_po2(scales)][0]
+            problems.append(f"{int(np.sum(~_is_po2(scales)))} of {scales.size} scales not powers of two "
+                            f"(e.g. {float(first)!r})")
+        if np.any(zero_points != 0):
+            problems.append("zero point != 0")
+        if problems:
+            bad.append(f"{k['name']} ({k['op']}: {', '.join(problems)})")
+    if bad:
+        raise ValueError(
+            "to_tflite: the converted model's weight tensors must have power-of-two scales with zero point 0, "
+            "but: " + "; ".join(bad) + ". Usually a BatchNormalization the converter folded into the weights "
+            "(build the QAT model with quantize_model(fold_batchnorm=True) from a model whose BNs can be "
+            "folded) or a kernel without a PO2 quantizer. Pass allow_float_scales=True to accept such scales."
+        )
 
 
 @contextlib.contextmanager

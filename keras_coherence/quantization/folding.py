@@ -37,7 +37,10 @@ import warnings
 
 from keras_coherence._keras import keras, tf
 
-__all__ = ["FoldedConv2D", "FoldedDepthwiseConv2D", "fold_batchnorm", "foldable_pairs", "rebuild_functional"]
+__all__ = [
+    "FoldedConv2D", "FoldedDepthwiseConv2D", "fold_batchnorm", "foldable_pairs", "unfoldable_pairs",
+    "rebuild_functional",
+]
 
 _register = keras.utils.register_keras_serializable(package="keras_coherence")
 
@@ -286,10 +289,23 @@ def foldable_pairs(model):
     renorm / virtual batches / adjustment) called once. Conv + BN pairs that match
     the shape but not the conditions are reported with ``warnings.warn``.
     """
+    pairs, skipped = _pairs(model)
+    for layer, bn, reason in skipped:
+        warnings.warn(f"not folding {layer.name} + {bn.name}: {reason}", stacklevel=3)
+    return pairs
+
+
+def unfoldable_pairs(model):
+    """``[(conv_layer, bn_layer, reason), ...]``: the Conv + BN pairs ``fold_batchnorm``
+    leaves alone (see ``foldable_pairs``), with the reason."""
+    return _pairs(model)[1]
+
+
+def _pairs(model):
     _check_graph_model(model, "fold_batchnorm")
     consumers = _consumers(model)
     outputs = {str(id(t)) for t in model.outputs}
-    pairs = []
+    pairs, skipped = [], []
     for node in _model_nodes(model):
         layer = node.layer
         if type(layer) not in _FOLDED:
@@ -313,10 +329,10 @@ def foldable_pairs(model):
         else:
             reason = _bn_skip_reason(bn)
         if reason:
-            warnings.warn(f"not folding {layer.name} + {bn.name}: {reason}", stacklevel=3)
-            continue
-        pairs.append((layer, bn))
-    return pairs
+            skipped.append((layer, bn, reason))
+        else:
+            pairs.append((layer, bn))
+    return pairs, skipped
 
 
 def _folded_layer(conv, bn, update_statistics):

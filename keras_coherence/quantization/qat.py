@@ -30,6 +30,7 @@ import numbers
 
 import numpy as np
 import tensorflow_model_optimization as tfmot
+from tensorflow_model_optimization.python.core.quantization.keras import quantize_layer
 from tensorflow_model_optimization.python.core.quantization.keras.quantize_layout_transform import (
     QuantizeLayoutTransform as _QuantizeLayoutTransform,
 )
@@ -47,6 +48,8 @@ __all__ = [
     "PO2QuantizeScheme",
     "quantize_model",
     "quantize_scope",
+    "custom_objects",
+    "load_model",
     "quantized_kernels",
     "freeze_quantizers",
     "unfreeze_quantizers",
@@ -329,8 +332,44 @@ class PO2QuantizeScheme(_tq.QuantizeScheme):
 
 
 # ------------------------------------------------------------ annotation
-def _custom_objects():
+class _LoadableQuantizeLayer(quantize_layer.QuantizeLayer):
+    """tfmot's ``QuantizeLayer`` whose ``build`` runs once.
+
+    tfmot's ``build`` never sets ``built``: loading a ``.keras`` file builds the layer
+    from its saved ``build_config`` and then again when the model graph calls it, so
+    the layer ends with two sets of range variables and the saved three do not load
+    ("expected 5 variables, but received 3"). ``custom_objects()`` maps
+    ``QuantizeLayer`` to this class; it computes exactly what tfmot's does.
+    """
+
+    def build(self, input_shape):
+        if self.built:
+            return
+        super().build(input_shape)
+        self.built = True
+
+
+_LoadableQuantizeLayer.__name__ = _LoadableQuantizeLayer.__qualname__ = "QuantizeLayer"
+
+
+def custom_objects():
+    """``{name: class}`` that ``keras.models.load_model`` needs for a QAT model.
+
+    tfmot's layers, quantizers and configs plus this package's, for
+    ``keras.models.load_model(path, custom_objects=custom_objects())`` (``.keras``,
+    HDF5 or SavedModel). Without it Keras cannot resolve tfmot's layers (it fails
+    with ``TypeError: 'str' object is not callable`` on a ``.keras`` file).
+    """
+    objects = {}
+    for group in _tq.quantize_scope().custom_objects:  # tfmot's layers, quantizers, configs
+        objects.update(group)
+    objects.update(_own_objects())
+    return objects
+
+
+def _own_objects():
     return {
+        "QuantizeLayer": _LoadableQuantizeLayer,
         "PO2KernelQuantizer": PO2KernelQuantizer,
         "PO2QuantizeConfig": PO2QuantizeConfig,
         "TFMOTQuantizer": TFMOTQuantizer,
@@ -343,9 +382,24 @@ def _custom_objects():
 
 
 def quantize_scope(*args):
-    """``tfmot.quantization.keras.quantize_scope`` with this package's objects added
-    (needed to ``keras.models.load_model`` a QAT model)."""
-    return _tq.quantize_scope(_custom_objects(), *args)
+    """A ``keras.utils.custom_object_scope`` holding ``custom_objects()`` (and any
+    ``{name: class}`` dicts in ``args``), under which ``keras.models.load_model``
+    loads a QAT model. Use it instead of ``tfmot.quantization.keras.quantize_scope``,
+    which lacks this package's classes and tfmot's ``QuantizeLayer`` fix."""
+    return keras.utils.custom_object_scope(custom_objects(), *args)
+
+
+def load_model(filepath, compile=True, **kwargs):
+    """``keras.models.load_model`` of a saved QAT model under ``quantize_scope()``.
+
+    ``.keras`` and HDF5 files restore every variable (kernels, PO2 exponents, learned
+    scales, second moments, activation ranges) and the same predictions. Keras
+    revives a SavedModel directory as generic layers without the PO2 quantizers
+    (``to_tflite`` and ``integer_weights`` then raise); save the model as ``.keras``
+    for a round trip.
+    """
+    with quantize_scope():
+        return keras.models.load_model(filepath, compile=compile, **kwargs)
 
 
 def _kernel_kind(layer):
@@ -362,6 +416,10 @@ def _kernel_kind(layer):
     if t is keras.layers.DepthwiseConv2D:
         return "depthwise_kernel", "depthwise", False
     return None
+
+
+def _has_kernel(layer):
+    return any(getattr(layer, attr, None) is not None for attr in ("kernel", "depthwise_kernel", "pointwise_kernel"))
 
 
 def _fused_relu(layer):
@@ -414,8 +472,13 @@ def _layer_quantizer(template, per_channel, name):
     return config
 
 
+_SUPPORTED = ("Dense, Conv2D and DepthwiseConv2D (PO2 weights; a BatchNormalization after a convolution is "
+              "folded into it) and the weightless layers tfmot quantizes (ReLU, Add, Concatenate, pooling, "
+              "Flatten, Reshape, Dropout, ...)")
+
+
 def annotate(model, bits=4, method="msqe", per_channel=True, activation_bits=8, unsupported="raise",
-             quantizer_options=None):
+             quantizer_options=None, allow_float_scales=False):
     """``(annotated model, {layer name: QuantizeConfig or None})`` for ``quantize_apply``.
 
     The annotated model shares ``model``'s layers (as tfmot's
@@ -426,7 +489,7 @@ def annotate(model, bits=4, method="msqe", per_channel=True, activation_bits=8, 
     template = _quantizer_template(method, bits, quantizer_options)
     registry, output_config, noop_config, _ = _tfmot_defaults(activation_bits)
     usage = _consumer_layers(model)
-    configs, bad = {}, []
+    configs, bad, float_kernels = {}, [], []
     for layer in model.layers:
         if isinstance(layer, keras.layers.InputLayer):
             continue
@@ -451,14 +514,26 @@ def annotate(model, bits=4, method="msqe", per_channel=True, activation_bits=8, 
         elif type(layer) is keras.layers.Add and only(_fused_relu):
             configs[layer.name] = noop_config()
         elif not isinstance(layer, keras.Model) and registry.supports(layer):
+            if _has_kernel(layer) and not allow_float_scales:
+                float_kernels.append(f"{layer.name} ({type(layer).__name__})")
             configs[layer.name] = None
+        elif isinstance(layer, keras.Model) and unsupported == "raise":
+            bad.append(f"{layer.name} (a nested {type(layer).__name__} model: rebuild the outer model from "
+                       "its layers so that every layer is at the top level)")
         elif unsupported == "raise":
             bad.append(f"{layer.name} ({type(layer).__name__})")
     if bad:
         raise ValueError(
-            "quantize_model: tfmot cannot quantize these layers: " + ", ".join(bad)
-            + ". Pass unsupported='float' to leave them in float (the TFLite file is then not fully "
+            "quantize_model cannot quantize these layers: " + ", ".join(bad) + f". Supported: {_SUPPORTED}. "
+            "Pass unsupported='float' to leave other layers in float (the TFLite file is then not fully "
             "integer), or replace them with supported layers."
+        )
+    if float_kernels:
+        raise ValueError(
+            "quantize_model has no PO2 quantizer for the weights of: " + ", ".join(float_kernels)
+            + ". tfmot would quantize them with float (non power-of-two) scales. PO2 weights: Dense, "
+            "Conv2D and DepthwiseConv2D; replace those layers (a SeparableConv2D is a DepthwiseConv2D "
+            "followed by a 1x1 Conv2D) or pass allow_float_scales=True to accept tfmot's 8-bit float scales."
         )
 
     def wrap(layer):
@@ -481,7 +556,8 @@ def _check_bits(name, value):
 
 
 def quantize_model(model, bits=4, method="msqe", per_channel=True, fold_batchnorm=True, activation_bits=8,
-                   unsupported="raise", update_bn_statistics=False, quantizer_options=None, calibration_data=None):
+                   unsupported="raise", update_bn_statistics=False, quantizer_options=None, calibration_data=None,
+                   allow_float_scales=False):
     """A tfmot QAT model with PO2 weight quantizers (see the module docstring).
 
     Args:
@@ -505,6 +581,13 @@ def quantize_model(model, bits=4, method="msqe", per_channel=True, fold_batchnor
         unsupported: ``"raise"`` (default) or ``"float"`` for layers tfmot cannot quantize.
         update_bn_statistics: folded layers update their moving statistics in training.
         quantizer_options: extra keyword arguments of the PO2 quantizer class.
+        allow_float_scales: accept weights whose exported scales will not be powers
+            of two: a BatchNormalization after a Dense / Conv2D / DepthwiseConv2D
+            that is not folded (``fold_batchnorm=False``, or a pair
+            ``folding.unfoldable_pairs`` lists; the converter folds it into the
+            weight scales) and kernel layers without a PO2 quantizer (tfmot's 8-bit
+            default, e.g. ``Conv1D``). Default ``False``: those raise ``ValueError``
+            naming the layers. Pass the same flag to ``to_tflite``.
         calibration_data: optional input batch for ``calibrate_activations``.
             tfmot starts every activation range at [-6, 6] (the input's at [0, 0])
             and moves it by an EMA with decay 0.999, so without calibration a
@@ -517,18 +600,58 @@ def quantize_model(model, bits=4, method="msqe", per_channel=True, fold_batchnor
     bits = _check_bits("bits", bits)
     activation_bits = _check_bits("activation_bits", activation_bits)
     folding._check_graph_model(model, "quantize_model")
+    nonfinite = [v.name for v in model.variables if v.dtype.is_floating and not np.all(np.isfinite(v.numpy()))]
+    if nonfinite:
+        raise ValueError("quantize_model: the float model's weights " + ", ".join(nonfinite) + " contain NaN "
+                         "or Inf; quantize a model with finite weights (the PO2 exponents would be undefined)")
+    if not allow_float_scales:
+        _check_batchnorms_foldable(model, fold_batchnorm)
     if fold_batchnorm:
         work = folding.fold_batchnorm(model, update_statistics=update_bn_statistics)
     else:
         work = folding.rebuild_functional(model)
     annotated, _ = annotate(work, bits=bits, method=method, per_channel=per_channel,
                             activation_bits=activation_bits, unsupported=unsupported,
-                            quantizer_options=quantizer_options)
+                            quantizer_options=quantizer_options, allow_float_scales=allow_float_scales)
     with quantize_scope():
         qat = _tq.quantize_apply(annotated, scheme=PO2QuantizeScheme(activation_bits))
     if calibration_data is not None:
         calibrate_activations(qat, calibration_data)
     return qat
+
+
+def _check_batchnorms_foldable(model, fold_batchnorm):
+    """Raises ``ValueError`` for every BatchNormalization fed by a PO2 kernel layer that
+    ``fold_batchnorm`` will not fold: the converter folds such a BN into the weights
+    (their scales stop being powers of two) or leaves it computing in float."""
+    folded = {(c.name, b.name) for c, b in folding._pairs(model)[0]} if fold_batchnorm else set()
+    reasons = {(c.name, b.name): r for c, b, r in folding.unfoldable_pairs(model)}
+    bad = []
+    for name, (users, _) in _consumer_layers(model).items():
+        layer = model.get_layer(name)
+        if _kernel_kind(layer) is None:
+            continue
+        for bn in users:
+            if not isinstance(bn, keras.layers.BatchNormalization) or (name, bn.name) in folded:
+                continue
+            if not fold_batchnorm:
+                reason = "fold_batchnorm=False"
+            elif (name, bn.name) in reasons:
+                reason = reasons[(name, bn.name)]
+            elif type(layer) is keras.layers.Dense:
+                reason = "a Dense + BatchNormalization pair is not folded"
+            else:
+                reason = "the convolution output also feeds other layers"
+            bad.append(f"{bn.name} after {name} ({reason})")
+    if bad:
+        raise ValueError(
+            "quantize_model: these BatchNormalization layers cannot be folded into the PO2-quantized kernels "
+            "before them: " + "; ".join(bad) + ". The TFLite converter either folds such a BN into the weight "
+            "scales (which are then not powers of two) or leaves it computing in float. Fix: use fold_batchnorm=True with a Conv2D / "
+            "DepthwiseConv2D (linear activation, channels last, not shared) whose only consumer is the "
+            "BatchNormalization, move the BN or the activation, or pass allow_float_scales=True to accept "
+            "non-PO2 scales for those weights."
+        )
 
 
 def calibrate_activations(model, x):
@@ -545,7 +668,8 @@ def calibrate_activations(model, x):
 
     Args:
         model: a QAT model (``quantize_model``).
-        x: a batch of representative inputs (a few hundred samples is plenty).
+        x: a batch of representative inputs (a few hundred samples is plenty); NaN or
+            Inf raise ``ValueError``.
     """
     from tensorflow_model_optimization.python.core.quantization.keras import quant_ops
 
@@ -561,6 +685,10 @@ def calibrate_activations(model, x):
         return batch_range(inputs, min_var, max_var, name_prefix=name_prefix, num_bits=num_bits,
                            narrow_range=narrow_range, symmetric=symmetric)
 
+    for part in tf.nest.flatten(x):
+        if not np.all(np.isfinite(np.asarray(part, np.float32))):
+            raise ValueError("calibrate_activations: the calibration batch contains NaN or Inf; every "
+                             "activation range would become NaN. Pass finite samples")
     quant_ops.MovingAvgQuantize, quant_ops.AllValuesQuantize = batch_range, input_range
     try:
         model(x, training=False)
