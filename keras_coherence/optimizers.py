@@ -4,7 +4,8 @@ Directions", 2020) and the running-average control (RA3).
 
 They wrap any Keras optimizer and work through a plain ``model.compile(optimizer=...)``.
 The ring buffer of past gradients is made of optimizer variables, so checkpoints and
-``model.save`` keep it, and a resumed run makes exactly the update it would have made.
+``model.save`` (``.keras`` and ``.h5``) keep it, and a resumed run makes exactly the
+update it would have made.
 """
 from __future__ import annotations
 
@@ -38,6 +39,10 @@ class RunningMedian(keras.optimizers.Optimizer):
     and updates start once ``window`` gradients have been seen (step ``window``);
     regularization enters the gradient before buffering. Under ``tf.distribute`` the
     median is taken of the all-reduced (global-batch) gradients.
+
+    One instance serves one model (its ring buffer is shaped after that model's
+    weights): compiling it, or its ``inner`` optimizer, into a second model raises a
+    ValueError at that model's first step.
 
     Args:
       inner: the optimizer that applies the aggregated gradient (instance or name).
@@ -114,8 +119,8 @@ class RunningMedian(keras.optimizers.Optimizer):
         foreign = [v.name for v in var_list if optimizer._var_key(v) not in optimizer._index_dict]
         if not foreign:
             return
-        which = "This RunningMedian" if optimizer is self else \
-            f"The inner optimizer {type(optimizer).__name__} of this RunningMedian"
+        which = ("This RunningMedian" if optimizer is self
+                 else f"The inner optimizer {type(optimizer).__name__} of this RunningMedian")
         raise ValueError(
             f"{which} was built for other variables (another model's), not for {foreign[0]!r}: "
             "create one optimizer per model -- a new RunningMedian(...) with a new inner optimizer "
@@ -168,7 +173,8 @@ class RunningMedian(keras.optimizers.Optimizer):
         # The inner optimizer's step counter is left out: it is derived (set from
         # ``iterations`` before every update), and as a second variable named
         # "iteration" it would make the .h5 format fail (names must be unique).
-        return list(self._variables) + list(self.inner.variables)[1:]
+        inner_step = self.inner.iterations
+        return list(self._variables) + [v for v in self.inner.variables if v is not inner_step]
 
     def set_weights(self, weights):
         """Set the ring buffer, step counter and inner optimizer's state from values in

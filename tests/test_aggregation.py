@@ -183,3 +183,15 @@ def test_aggregated_model_save_and_load(tmp_path):
     loaded = keras.models.load_model(path)
     assert loaded.aggregator.groups == 3
     np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-6)
+
+
+@pytest.mark.parametrize("module", ["keras_coherence.aggregation.aggregators",
+                                    "keras_coherence.aggregation.train_step", "keras_coherence.optimizers"])
+def test_docstring_examples_print_what_they_claim(module):
+    import doctest
+    import importlib
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0

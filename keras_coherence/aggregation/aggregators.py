@@ -507,8 +507,8 @@ class MedianOfMeans(Aggregator):
     def batch_checks(self, batch):
         """The run-time checks (ops) that a (global) batch of ``batch`` examples fills
         every group; a batch size known while tracing is checked at once (ValueError)."""
-        first = f"MedianOfMeans(groups={self.groups}) needs at least {self.groups} examples per batch " \
-                "(one per group), got"
+        first = (f"MedianOfMeans(groups={self.groups}) needs at least {self.groups} examples per batch "
+                 "(one per group), got")
         last = ": use fewer groups (m3:groups=G with G at most the batch size) or a larger batch."
         static_batch = static_size(batch)
         if static_batch is not None:

@@ -158,7 +158,7 @@ class AggregatedModel(FunctionalWithExtras):
         logs, y_pred, grads_and_vars = aggregated_train_step(
             self, data, self.aggregator, self.report_coherence)
         grads_and_vars = [(g, v) for g, v in grads_and_vars if g is not None]
-        check_optimizer_owns(self.optimizer, [v for _, v in grads_and_vars], self.name)
+        _check_optimizer_owns(self.optimizer, [v for _, v in grads_and_vars], self.name)
         self.optimizer.apply_gradients(grads_and_vars, skip_gradients_aggregation=True)
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         return {**self.compute_metrics(x, y, y_pred, sample_weight), **logs}
@@ -184,7 +184,7 @@ class AggregatedModel(FunctionalWithExtras):
         return train_function
 
 
-def check_optimizer_owns(optimizer, variables, model_name):
+def _check_optimizer_owns(optimizer, variables, model_name):
     """A clear error, instead of Keras's bare KeyError, when ``optimizer`` was built for
     other variables: one optimizer instance compiled into two models."""
     if not getattr(optimizer, "_built", False) or not hasattr(optimizer, "_index_dict"):
