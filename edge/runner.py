@@ -35,6 +35,50 @@ def peak_rss_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _status_kib(field):
+    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``), or None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss():
+    """Resets ``VmHWM`` to the current RSS (``echo 5 > /proc/self/clear_refs``, Linux >= 4.0);
+    False where that is not possible (then ``VmHWM`` keeps the peak since the process start)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class InterpreterMemory:
+    """The peak memory the interpreter adds: peak RSS growth from just before the model is
+    loaded (the Python runtime, numpy and LiteRT already imported) to now, less the bytes
+    of the data arrays the process holds. ``mib()`` is None off Linux, or where the peak
+    mark cannot be reset (``/proc/self/clear_refs``): a peak from before the model load
+    (e.g. imports) would then be counted."""
+
+    def __init__(self):
+        import ai_edge_litert.interpreter  # noqa: F401  (the runtime belongs to the baseline)
+
+        self.baseline_kib = _status_kib("VmRSS")
+        self.valid = self.baseline_kib is not None and _reset_peak_rss()
+        self.data_bytes = 0
+
+    def mib(self):
+        peak = _status_kib("VmHWM") if self.valid else None
+        if peak is None:
+            return None
+        return (peak - self.baseline_kib) / 1024.0 - self.data_bytes / 2.0 ** 20
+
+
 def _check_positive(name, value):
     """ValueError unless ``value`` is an integer >= 1 (``name`` is the option, e.g. ``--epochs``)."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
@@ -241,13 +285,17 @@ class ProgressBar:
         self.stream = sys.stderr if stream is None else stream
         self.start = time.perf_counter()
 
-    def update(self, done, loss):
+    def update(self, done, loss, step_ms=None, memory_mib=None):
+        """``step_ms``: the median step time so far; ``memory_mib``: the interpreter's peak
+        memory so far (:class:`InterpreterMemory`); each shown when given."""
         if done != self.total and not self.stream.isatty():
             return
         filled = int(self.width * done / self.total)
         elapsed = time.perf_counter() - self.start
+        extra = "" if step_ms is None else f" {step_ms:.1f} ms/step"
+        extra += "" if memory_mib is None else f" interpreter {memory_mib:.1f} MiB"
         self.stream.write(f"\r{self.label} [{'#' * filled}{'.' * (self.width - filled)}] "
-                          f"{done}/{self.total} loss {loss:.4f} {elapsed:.1f}s")
+                          f"{done}/{self.total} loss {loss:.4f} {elapsed:.1f}s{extra}")
         if done == self.total:
             self.stream.write("\n")
         self.stream.flush()
@@ -394,8 +442,10 @@ def train(model_path, data_path, epochs, batch_size, checkpoint_dir=None, resume
     newer unreadable or non-matching one is skipped with a warning on stderr). A run that
     does not resume refuses a ``checkpoint_dir`` already holding checkpoints. ``loss_log``
     (a path) gets one ``epoch,step,loss`` line per step (appended). Returns a summary dict:
-    losses, median step time, wall time, and peak RSS (``ru_maxrss``) after loading the
-    model and data (``setup_peak_rss_mib``) and at the end (``peak_rss_mib``).
+    losses, median step time, wall time, peak RSS (``ru_maxrss``) after loading the
+    model and data (``setup_peak_rss_mib``) and at the end (``peak_rss_mib``), and
+    ``interpreter_peak_mib`` (:class:`InterpreterMemory`: the peak RSS growth from model load
+    through training beyond the runtime and the data; None where it cannot be measured).
 
     Raises:
         ValueError: bad arguments, model, data or checkpoints (the message says which and
@@ -408,8 +458,10 @@ def train(model_path, data_path, epochs, batch_size, checkpoint_dir=None, resume
         _check_positive("--keep", keep)
     if resume and checkpoint_dir is None:
         raise ValueError("--resume needs --checkpoint-dir")
+    memory = InterpreterMemory()
     model = TrainingModel(model_path, num_threads)
     x, y = load_data(data_path)
+    memory.data_bytes = x.nbytes + y.nbytes
     model.check_data(x, y, data_path)
     if model.train_batch_size not in (None, batch_size):
         raise ValueError(f"{model_path} trains on batches of {model.train_batch_size} (fixed at export); "
@@ -452,7 +504,8 @@ def train(model_path, data_path, epochs, batch_size, checkpoint_dir=None, resume
                     raise ValueError(f"training diverged: the loss is {loss} at epoch {epoch} step {step}; "
                                      f"{kept}; lower the learning rate (export) or check the data")
                 if bar:
-                    bar.update(step, float(np.mean(losses)))
+                    bar.update(step, float(np.mean(losses)), step_ms=float(np.median(step_times)) * 1e3,
+                               memory_mib=memory.mib())
             epoch_losses.append(float(np.mean(losses)))
             if checkpoint_dir is not None:
                 save_checkpoint(model, checkpoint_dir, epoch, keep=keep)
@@ -473,6 +526,7 @@ def train(model_path, data_path, epochs, batch_size, checkpoint_dir=None, resume
         "wall_s": time.perf_counter() - start,
         "setup_peak_rss_mib": setup_rss,
         "peak_rss_mib": peak_rss_mib(),
+        "interpreter_peak_mib": memory.mib(),
     }
 
 
