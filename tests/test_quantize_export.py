@@ -437,7 +437,9 @@ def test_calibrate_activations_sets_batch_ranges_only():
     (lo, hi) = (float(w.numpy()) for w in by_layer[input_name])
     assert lo == pytest.approx(min(0.0, x.min())) and hi == pytest.approx(max(0.0, x.max()))
     lo, hi = (float(w.numpy()) for w in by_layer["relu1"])
-    assert lo == 0.0 and 0.0 < hi <= 6.0  # a ReLU6 output
+    # The range of ReLU6 applied to the (unquantized, fused) conv output on the calibrated input.
+    conv_out = keras.Model(model.inputs, model.get_layer("quant_conv").output)(x, training=False).numpy()
+    assert lo == 0.0 and hi == pytest.approx(float(np.clip(conv_out, 0.0, 6.0).max()), rel=1e-6)
     lo, hi = (float(w.numpy()) for w in by_layer["dense"])
     logits = model.predict(x, verbose=0)
     step = (hi - lo) / 255

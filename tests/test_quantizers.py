@@ -709,12 +709,34 @@ def test_learned_quantizer_trains_inside_a_keras_model(trained_model):
     assert not np.array_equal(learned.log2_scale.numpy(), e0)
     state = _quantizer_state(model)
     assert all(np.all(np.isfinite(v)) for v in state.values())
-    m2 = model.layers[0].kernel_quantizer.state["m2"].numpy()
-    assert np.all(m2 < 1.0)  # the EMA moved from its initial ones inside fit's tf.function
     for layer in (model.layers[0], model.layers[2], model.layers[3]):
         kq = layer.kernel_quantizer
         assert float(kq.state["initialized"].numpy()) == 1.0
         np.testing.assert_array_equal(kq.exponent().numpy(), np.round(kq.state["exponent"].numpy()))
+
+
+@pytest.mark.parametrize("cls", [MSQEPo2, LearnedPo2])
+def test_second_moments_inside_fit_equal_the_analytic_gradient(cls):
+    """One ``fit`` step (its tf.function) of ``y = x @ Q(W) + b`` with the loss
+    ``sum_n mean_u (y - t)**2`` (4 units): the upstream gradient of ``Q(W)`` is
+    ``2 / 4 x^T (x Q(W) + b - t)``; with learning
+    rate 0 nothing else moves, so ``m2`` must be ``decay + (1 - decay) * keep * g**2``."""
+    keras.utils.set_random_seed(3)
+    layer = QDense(4, kernel_quantizer=cls(bits=3, second_moment_decay=0.75))
+    model = keras.Sequential([keras.Input((6,)), layer])
+    model.compile(keras.optimizers.SGD(0.0), keras.losses.MeanSquaredError(reduction="sum"))
+    x, _ = _data(32, seed=4)
+    y = np.random.default_rng(4).normal(size=(32, 4)).astype(np.float32)
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0, shuffle=False)
+    q = layer.kernel_quantizer
+    w = layer.kernel.numpy().astype(np.float64)
+    wq = q(layer.kernel, training=False).numpy().astype(np.float64)  # the stored exponent: the step's
+    e = q.exponent().numpy().astype(np.float64)
+    np.testing.assert_array_equal(wq, 2.0 ** e * np.clip(np.rint(w / 2.0 ** e), -3, 3))
+    keep = np.abs(np.rint(w / 2.0 ** e)) <= 3
+    x64 = x.astype(np.float64)
+    g = 2.0 / 4 * x64.T @ (x64 @ wq + layer.bias.numpy() - y)
+    np.testing.assert_allclose(q.state["m2"].numpy(), 0.75 + 0.25 * np.where(keep, g ** 2, 0.0), rtol=1e-4)
 
 
 @pytest.mark.parametrize("suffix", [".keras", ".h5"])
