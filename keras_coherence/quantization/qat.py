@@ -392,11 +392,11 @@ def quantize_scope(*args):
 def load_model(filepath, compile=True, **kwargs):
     """``keras.models.load_model`` of a saved QAT model under ``quantize_scope()``.
 
-    ``.keras`` and HDF5 files restore every variable (kernels, PO2 exponents, learned
-    scales, second moments, activation ranges) and the same predictions. Keras
-    revives a SavedModel directory as generic layers without the PO2 quantizers
-    (``to_tflite`` and ``integer_weights`` then raise); save the model as ``.keras``
-    for a round trip.
+    ``.keras``, HDF5 and SavedModel restore every variable (kernels, PO2 exponents,
+    learned scales, second moments, activation ranges) and the same predictions.
+    (Loaded without these custom objects, a SavedModel directory comes back as generic
+    revived layers without the PO2 quantizers, on which ``to_tflite`` and
+    ``integer_weights`` raise.)
     """
     with quantize_scope():
         return keras.models.load_model(filepath, compile=compile, **kwargs)
@@ -647,10 +647,10 @@ def _check_batchnorms_foldable(model, fold_batchnorm):
         raise ValueError(
             "quantize_model: these BatchNormalization layers cannot be folded into the PO2-quantized kernels "
             "before them: " + "; ".join(bad) + ". The TFLite converter either folds such a BN into the weight "
-            "scales (which are then not powers of two) or leaves it computing in float. Fix: use fold_batchnorm=True with a Conv2D / "
-            "DepthwiseConv2D (linear activation, channels last, not shared) whose only consumer is the "
-            "BatchNormalization, move the BN or the activation, or pass allow_float_scales=True to accept "
-            "non-PO2 scales for those weights."
+            "scales (which are then not powers of two) or leaves it computing in float. Fix: use "
+            "fold_batchnorm=True with a Conv2D / DepthwiseConv2D (linear activation, channels last, not "
+            "shared) whose only consumer is the BatchNormalization, move the BN or the activation, or pass "
+            "allow_float_scales=True to accept non-PO2 scales for those weights."
         )
 
 
