@@ -26,6 +26,10 @@ It also lists what the training subgraph's tensors hold, from the file's flatbuf
   Adam arithmetic);
 * ``backward_other``: after the loss, any other shape (activation gradients, masks);
 
+* ``kernel_scratch``: tensors a kernel adds when it is prepared, which the file does not
+  list (``CONV_2D``'s im2col buffers); one op's are alive at a time, so the largest
+  (``kernel_scratch_max_mib``) adds to the arena's peak;
+
 plus ``state`` (the resource variables: ``get_weights``' outputs, outside the arena).
 ``arena_live_peak`` replays the op order: the largest sum of non-constant tensors alive
 at once (a tensor lives from the op writing it to the last op reading it), which is what
@@ -49,7 +53,7 @@ MIB = 2.0 ** 20
 _HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_RUNS = "mlp:100,mlp:1000,cnv:8,cnv:100,binarynet:8,binarynet:100"
 KINDS = ("constant", "resource_handle", "variable_read", "saved_for_backward", "forward_temporary",
-         "backward_weight_shaped", "backward_other")
+         "backward_weight_shaped", "backward_other", "kernel_scratch")
 
 
 # ------------------------------------------------------------------ child side (numpy + LiteRT)
@@ -209,6 +213,12 @@ def child_measure(model_path, batch_size, steps):
     details = interpreter.get_tensor_details(sub)
     out["interpreter_tensor_bytes"] = {int(d["index"]): _tensor_bytes(d["shape"], d["dtype"])
                                        for d in details}
+    # tensors the kernels add at prepare time (CONV_2D's im2col buffers): not in the file
+    for d in details:
+        if int(d["index"]) >= len(tensors):
+            tensors.append({"index": int(d["index"]), "name": d["name"] or "(kernel temporary)",
+                            "shape": [int(n) for n in d["shape"]], "dtype": np.dtype(d["dtype"]).name,
+                            "bytes": _tensor_bytes(d["shape"], d["dtype"]), "kind": "kernel_scratch"})
     out["tensors"] = tensors
     out["arena"] = arena
     out["imported_tensorflow"] = any(m == "tensorflow" or m.startswith("tensorflow.") for m in sys.modules)
@@ -239,7 +249,9 @@ def summarize(measured, top=12):
     nonconst = sorted((t for t in tensors if t["kind"] != "constant"), key=lambda t: -t["bytes"])
     live_rows = sorted((t for t in tensors if t["index"] in live), key=lambda t: -t["bytes"])
     live_by_kind = {k: sum(t["bytes"] for t in live_rows if t["kind"] == k) / MIB for k in KINDS}
+    scratch = [t["bytes"] for t in tensors if t["kind"] == "kernel_scratch"]
     return {"totals_mib": totals, "largest": [row(t) for t in nonconst[:top]],
+            "kernel_scratch_max_mib": max(scratch, default=0) / MIB,
             "live_peak_mib": measured["arena"]["live_peak_bytes"] / MIB,
             "live_peak_by_kind_mib": live_by_kind, "live_at_peak_largest": [row(t) for t in live_rows[:top]]}
 
@@ -272,7 +284,7 @@ def modelled(model_name, method, batch_size):
 
 def _table(results):
     head = ("model", "method", "batch", "file MB", "interp. peak MiB", "load MiB", "train+ MiB", "step ms",
-            "arena live peak MiB", "state MiB", "modelled MiB", "modelled/measured")
+            "arena live peak MiB", "largest scratch MiB", "state MiB", "modelled MiB", "modelled/measured")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         if r.get("does_not_lower"):
@@ -282,7 +294,8 @@ def _table(results):
         lines.append("| " + " | ".join(str(v) for v in (
             r["model"], r["method"], r["batch"], f"{r['file_bytes'] / 1e6:.1f}", f"{m['interpreter_peak_mib']:.1f}",
             f"{m['load_peak_mib']:.1f}", f"{m['train_peak_over_load_mib']:.1f}", f"{m['step_ms']:.1f}",
-            f"{r['summary']['live_peak_mib']:.1f}", f"{r['summary']['totals_mib']['state']:.1f}",
+            f"{r['summary']['live_peak_mib']:.1f}", f"{r['summary']['kernel_scratch_max_mib']:.1f}",
+            f"{r['summary']['totals_mib']['state']:.1f}",
             f"{r['modelled']['peak_mib']:.2f}", f"{r['modelled']['peak_mib'] / m['interpreter_peak_mib']:.3f}"))
             + " |")
     return "\n".join(lines)
@@ -296,6 +309,8 @@ def parse_args(argv=None):
     p.add_argument("--top", type=int, default=12, help="largest tensors listed per run")
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--keep-files", help="keep the .tflite files in this directory")
+    p.add_argument("--reuse", action="store_true",
+                   help="measure the files already in --keep-files instead of exporting them again")
     p.add_argument("--child", nargs=3, metavar=("MODEL_PATH", "BATCH", "STEPS"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.steps < 2:
@@ -323,7 +338,8 @@ def main(argv=None):
             for method in args.methods.split(","):
                 path = os.path.join(folder, f"{name}_{method}_{batch}.tflite")
                 t0 = time.perf_counter()
-                why = export(name, method, batch, path)
+                reused = args.reuse and args.keep_files and os.path.isfile(path)
+                why = None if reused else export(name, method, batch, path)
                 row = {"model": name, "method": method, "batch": batch, "does_not_lower": why,
                        "modelled": modelled(name, method, batch), "convert_s": time.perf_counter() - t0}
                 if why is None:
