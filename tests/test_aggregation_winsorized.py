@@ -108,7 +108,8 @@ def _check_dynamic(function, n, c, seed):
 def test_dynamic_batch_padded_buckets(c, paths):
     """Every c at the buckets of 32 and 64; at c = 7 also the bucket of 128, a bucket's
     own size (no padding), more examples than the largest bucket (top_k) and the
-    outer-product networks (tracing every bucket's networks for one more c is slow).
+    outer-product networks of the buckets of 32 and 64 (tracing and compiling more
+    networks takes tens of seconds).
     switch_case traces every bucket's branch, so the spy shows the networks exist; the
     numbers check the one that ran."""
     w = Winsorized(c=c)
@@ -123,7 +124,7 @@ def test_dynamic_batch_padded_buckets(c, paths):
     assert ("network", "rows", 64, c, True, 0) in paths and ("top_k",) in paths
     outer = tf.function(w.reduce_outer, input_signature=[tf.TensorSpec([None, 4], tf.float32),
                                                          tf.TensorSpec([None, 3], tf.float32)])
-    for n, bucket, lower in PADDED:
+    for n, bucket, lower in PADDED[:2]:
         a, dz = _values(n, (4,), seed=n), np.random.default_rng(n).normal(size=(n, 3)).astype("float32")
         expected = np_winsorized_sum(np.einsum("bi,bj->bij", a.astype(np.float64), dz.astype(np.float64)), c)
         np.testing.assert_allclose(outer(tf.constant(a), tf.constant(dz)).numpy(), expected,
