@@ -330,12 +330,25 @@ def main(argv=None):
         if not batch.isdigit() or int(batch) < 1:
             raise SystemExit(f"--runs: {item!r} is not model:batch (e.g. cnv:100)")
         runs.append((name, int(batch)))
+    from keras_coherence.binary.models import MODEL_NAMES
+
+    unknown = sorted({name for name, _ in runs} - set(MODEL_NAMES))
+    if unknown:
+        raise SystemExit(f"--runs: unknown model(s) {unknown}; known: {', '.join(MODEL_NAMES)}")
+    from keras_coherence.binary.config import resolve_method
+
+    methods = args.methods.split(",")
+    for method in methods:
+        try:
+            resolve_method(method)
+        except ValueError as err:
+            raise SystemExit(f"--methods: {err}") from err
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.keep_files or tmp
         os.makedirs(folder, exist_ok=True)
         for name, batch in runs:
-            for method in args.methods.split(","):
+            for method in methods:
                 path = os.path.join(folder, f"{name}_{method}_{batch}.tflite")
                 t0 = time.perf_counter()
                 reused = args.reuse and args.keep_files and os.path.isfile(path)
