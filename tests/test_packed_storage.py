@@ -82,3 +82,28 @@ def test_only_builtin_ops(interpreter):
     ops = {op["op_name"] for op in interpreter._get_ops_details()}
     assert not any(name.startswith("Flex") or name == "CUSTOM" for name in ops), ops
     assert {"RIGHT_SHIFT", "FLOOR_MOD", "BITCAST"} <= ops
+
+
+@pytest.mark.parametrize("dtype, converts", [("float16", False), ("int16", False),
+                                             ("int8", True), ("uint8", True), ("bool", True)])
+def test_which_resource_variable_dtypes_convert_to_builtins(dtype, converts):
+    """Why float16 state travels as int32 pairs: a float16 (or int16) resource variable
+    does not legalize to builtins, while int8/uint8/bool ones do."""
+    class Holder(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.v = tf.Variable(tf.zeros([4], dtype))
+
+        @tf.function(input_signature=[tf.TensorSpec([4], tf.float32)])
+        def step(self, x):
+            self.v.assign(tf.cast(x, dtype))
+            return {"out": tf.cast(self.v.read_value(), tf.float32)}
+
+    holder = Holder()
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([holder.step.get_concrete_function()], holder)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    if converts:
+        assert len(converter.convert()) > 0
+    else:
+        with pytest.raises(Exception, match="VarHandleOp|not legalized|ConverterError|failed"):
+            converter.convert()
