@@ -829,7 +829,20 @@ def test_tfmot_quantize_apply_with_the_adapter(tmp_path):
         ref = h @ (quantizer.scale(weights).numpy() * codes) + wrapper.layer.bias.numpy()
         np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
         h = out
-    assert np.all(wrappers[0]._weight_vars[0][2]["m2"].numpy() < 1.0)
+    # One more training call through the tfmot wrapper with a known upstream gradient G:
+    # the quantized kernel's gradient is h^T G, and m2 takes one EMA step of its square.
+    kernel, quantizer, weights = wrappers[0]._weight_vars[0]
+    h, upstream = x[:8], np.random.default_rng(9).normal(size=(8, 4)).astype(np.float32)
+    before = weights["m2"].numpy().astype(np.float64)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(wrappers[0](h, training=True) * upstream)
+    tape.gradient(loss, wrappers[0].trainable_weights)
+    e = quantizer.exponent(weights).numpy().astype(np.float64)
+    keep = np.abs(np.rint(kernel.numpy() / 2.0 ** e)) <= 7
+    g = h.astype(np.float64).T @ upstream
+    decay = quantizer.quantizer.second_moment_decay
+    np.testing.assert_allclose(weights["m2"].numpy(), decay * before + (1 - decay) * np.where(keep, g ** 2, 0.0),
+                               rtol=1e-5)
     quantizer, weights = wrappers[1]._weight_vars[0][1:]
     quantizer.freeze(weights)
     assert float(weights["frozen"].numpy()) == 1.0
