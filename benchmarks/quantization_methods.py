@@ -23,8 +23,8 @@ float model, of the quantized Keras model and of the TFLite model in LiteRT, the
 top-1 agreement, the 99th percentile of ``|Keras - LiteRT|`` logits in output int8
 steps; the worst case over seeds of the ``litert_rounding`` parity (lowest top-1
 agreement, largest logit difference in steps); and, averaged over seeds, the mean
-exponent flip rate per step (``ScaleMonitor``), the final clip fraction, the median QAT step time (ms) and whether
-every exported scale is an exact power of two. A second table gives each method's
+exponent flip rate per step (``ScaleMonitor``), the final clip fraction and the median
+QAT step time (ms); and whether every exported scale is an exact power of two. A second table gives each method's
 paired difference to the ``float+ft`` control of the same seed (Keras accuracy
 minus control accuracy), mean ± std and min..max over the seeds.
 
