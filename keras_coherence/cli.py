@@ -1000,8 +1000,9 @@ def run_bnn(args: argparse.Namespace, out_dir: str, log: Callable[[str], None] =
     (its convolution backward needs a fixed batch). A model whose training graph does not
     lower to TFLite builtins (e.g. the standard, autodiff-trained conv models need
     ``Conv2DBackpropFilter``), or whose Keras Adam state cannot be carried over, is an
-    error: ``summary.json`` is still written (``summary["device"]["error"]`` says why),
-    then :class:`UsageError` is raised (exit status 2); ``args.no_device_export`` skips
+    error: :class:`UsageError` is raised (exit status 2) after ``summary.json`` is written
+    with ``summary["device"]["error"]`` (the command line then drops the staged run and
+    keeps the previous ``--out``); ``args.no_device_export`` skips
     that stage instead (``summary["device"]["skipped"]``). Raises :class:`UsageError` for
     bad options.
     """

@@ -7,6 +7,7 @@ into a freshly built model; the LCE accuracy by running the written LCE file in 
 and accuracy by running the printed ``python -m edge`` command lines on the written files.
 """
 import json
+import os
 import shlex
 
 import numpy as np
@@ -181,17 +182,18 @@ def _failing_to_tflite(module):
 
 def test_training_export_failure_exits_2_with_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(export_training, "to_tflite", _failing_to_tflite)
-    code = cli.main(["bnn", *TINY, "--hidden", "8", "--max-train", "128", "--out", str(tmp_path)])
+    out = tmp_path / "bnn"
+    out.mkdir()
+    (out / "summary.json").write_text('{"previous": true}')
+    code = cli.main(["bnn", *TINY, "--hidden", "8", "--max-train", "128", "--out", str(out)])
     assert code == 2
     assert_one_line_usage_error(capsys, "on-device training export of --model mlp --method low_memory failed: "
                                         "the training model needs non-builtin ops ['Conv2DBackpropFilter'] "
                                         "(pass --no-device-export")
-    # what the run did produce is kept, with the error
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert "Conv2DBackpropFilter" in summary["device"]["error"] and summary["device"]["file"] is None
-    assert summary["edge_commands"] is None and summary["files"]["training_model"] is None
-    assert (tmp_path / "export" / "model_lce.tflite").is_file()
-    assert not (tmp_path / "export" / "model_train.tflite").exists()
+    # a failed run replaces nothing: the previous results stay, no partial files are left
+    assert sorted(os.listdir(out)) == ["summary.json"]
+    assert json.loads((out / "summary.json").read_text()) == {"previous": True}
+    assert sorted(os.listdir(tmp_path)) == ["bnn"]
 
 
 def test_no_device_export_skips_the_stage(tmp_path, monkeypatch, capsys):
