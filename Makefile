@@ -17,11 +17,11 @@ $(STAMP): setup.cfg pyproject.toml
 demo: $(STAMP)
 	$(PY) -m keras_coherence demo --out runs/demo
 
-# One pytest worker per core (-n auto); each test file stays on one worker
-# (--dist loadfile) so module-scoped fixtures (exported models, trained nets) are
-# built once, not once per worker.
+# One pytest worker per core (-n auto). --dist worksteal keeps both cores busy to the
+# end; with --dist loadfile one worker was left alone with the heaviest files. A module
+# fixture whose tests land on both workers is built twice, which costs far less.
 test: $(STAMP)
-	$(PY) -m pytest -q -n auto --dist loadfile tests
+	$(PY) -m pytest -q -n auto --dist worksteal tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/coherence_overhead.py

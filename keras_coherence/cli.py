@@ -1204,13 +1204,16 @@ def _defaults(arguments, **overrides):
     return args
 
 
+#: The coherence demo's configuration (tests shrink it).
+_DEMO_COHERENCE = {"epochs": 5, "batch_size": 50, "probe_size": 512, "every_n_steps": 8, "max_train": None}
+
+
 @demo_section("coherence", "m-coherence while an MLP learns the embedded MNIST")
 def _demo_coherence(out_dir, demo_args):
     # 5 epochs x 80 steps of SGD on the 4,000 embedded training images, 51 measurements
     # on a 512-example probe: about 15 s on 2 CPU cores.
-    args = _defaults([*TRAINING_ARGS, *COHERENCE_ARGS], model="mlp", epochs=5, batch_size=50,
-                     lr=0.1, probe_size=512, every_n_steps=8, seed=demo_args.seed,
-                     quiet=demo_args.quiet)
+    args = _defaults([*TRAINING_ARGS, *COHERENCE_ARGS], model="mlp", lr=0.1, **_DEMO_COHERENCE,
+                     seed=demo_args.seed, quiet=demo_args.quiet)
     s = run_coherence(args, out_dir, log=_demo_log(demo_args, quiet=False))
     mc = s["m_coherence"]
     return (f"m-coherence {mc['first']['value']:.3g} -> peak {mc['peak']['value']:.3g} -> "

@@ -121,13 +121,30 @@ def test_bad_arguments_exit_2_with_one_line(argv, fragment, capsys, tmp_path):
     assert not (tmp_path / "out" / "summary.json").exists()
 
 
-def test_demo_writes_its_sections(tmp_path, capsys):
-    assert cli.main(["demo", "--out", str(tmp_path), "--quiet"]) == 0
-    summary = json.loads((tmp_path / "coherence" / "summary.json").read_text())
-    assert summary["data"]["num_train"] == 4000 and summary["training"]["steps"] > 0
+def test_demo_writes_its_sections(tmp_path, capsys, monkeypatch):
+    """`demo` runs every section in order into <--out>/<section>/. The sections are shrunk
+    here (each section's own test checks its figures; `make demo` runs the full size)."""
+    monkeypatch.setattr(cli, "_DEMO_COHERENCE", dict(cli._DEMO_COHERENCE, max_train=200, epochs=1,
+                                                     probe_size=32, every_n_steps=2))
+    monkeypatch.setattr(cli, "_DEMO_AGGREGATION", dict(cli._DEMO_AGGREGATION, max_train=100, epochs=1,
+                                                       aggregators=("sgd", "winsorized:c=2")))
+    monkeypatch.setattr(cli, "_DEMO_QUANTIZATION", dict(cli._DEMO_QUANTIZATION, hidden=(8,), max_train=128,
+                                                        float_epochs=1, qat_epochs=1))
+    monkeypatch.setattr(cli, "_DEMO_BNN", dict(cli._DEMO_BNN, hidden=(16,), max_train=256, batch_size=64,
+                                               epochs=1, device_steps=1))
+    assert cli.main(["demo", "--out", str(tmp_path / "demo"), "--quiet"]) == 0
+    out = tmp_path / "demo"
+    assert sorted(os.listdir(out)) == ["aggregation", "bnn", "coherence", "quantization"]
+    summary = json.loads((out / "coherence" / "summary.json").read_text())
+    assert summary["data"]["num_train"] == 200 and summary["training"]["steps"] == 4
     assert summary["m_coherence"]["last"]["step"] == summary["training"]["steps"]
-    _assert_png(tmp_path / "coherence" / "coherence.png")
-    assert "demo finished" in capsys.readouterr().out
+    _assert_png(out / "coherence" / "coherence.png")
+    _assert_png(out / "aggregation" / "aggregation.png")
+    assert json.loads((out / "quantization" / "summary.json").read_text())["command"] == "quantize"
+    assert json.loads((out / "bnn" / "summary.json").read_text())["command"] == "bnn"
+    printed = capsys.readouterr().out
+    assert "demo finished" in printed and f"results in {out}/" in printed
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".")]  # staging folder gone
 
 
 def test_help_returns_0(capsys):

@@ -22,16 +22,9 @@ from keras_coherence._keras import keras
 from keras_coherence.binary import export_training, models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BATCH = 16
+from test_edge import BATCH, _task  # the same separable 3-class task
+
 N_TRAIN = 96
-
-
-def _task(n, seed=0, dim=12, classes=3):
-    rng = np.random.default_rng(seed)
-    centers = rng.normal(0.0, 2.0, (classes, dim))
-    y = rng.integers(0, classes, n).astype(np.int32)
-    x = (centers[y] + rng.normal(0.0, 1.0, (n, dim))).astype(np.float32)
-    return x, y
 
 
 def _export(path, hidden):

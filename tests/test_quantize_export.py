@@ -584,10 +584,9 @@ def test_mobilenet_v2_quantize_train_export():
     kernels = q_qat.quantized_kernels(model)
     assert sum(k.quantizer.folded for k in kernels) == n_bn == 52 and len(kernels) == 53
     x = np.random.default_rng(0).normal(size=(8, 32, 32, 3)).astype("float32")
-    # one eager training step (a graph-mode step first traces ~90k ops: about a minute)
-    model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy", run_eagerly=True)
-    history = model.fit(x, np.arange(8) % 10, batch_size=8, epochs=1, verbose=0)
-    assert math.isfinite(history.history["loss"][0])
+    # one training-mode call picks every exponent (QAT steps are checked on small nets;
+    # a graph-mode MobileNetV2 step first traces ~90k ops, about a minute)
+    model(x, training=True)
     tflite_model = to_tflite(model)
     tfl = q_export.tflite_kernels(tflite_model)
     assert len(tfl) == 53
