@@ -75,7 +75,8 @@ def test_quantize_reports_what_its_files_hold(tiny_quantize):
     assert acc["tflite"] == _tflite_accuracy(out / "model.tflite", x_test, y_test)
     assert acc["keras_tflite_agreement"] >= 0.98
     assert abs(acc["quantized_keras"] - acc["tflite"]) <= 0.02
-    assert 0.0 <= acc["float"] <= 1.0
+    # the float model's accuracy on the 1,000 test images is a whole count of them
+    assert acc["float"] * len(y_test) == pytest.approx(round(acc["float"] * len(y_test)))
 
     # every weight tensor: exact power-of-two scales (integer log2), zero point 0, |code| <= 7
     tensors = _weight_tensors(out / "model.tflite")
