@@ -257,7 +257,7 @@ def _check_sparse_labels(model, y):
     raises deep inside the graph otherwise, and on some kernels returns NaN."""
     loss = getattr(model, "loss", None)
     name = getattr(loss, "__name__", None) or type(loss).__name__
-    if loss is None or name not in _SPARSE_LOSSES and loss not in _SPARSE_LOSSES:
+    if loss is None or (name not in _SPARSE_LOSSES and loss not in _SPARSE_LOSSES):
         return
     outputs = getattr(model, "outputs", None)
     if not outputs or len(outputs) != 1 or outputs[0].shape[-1] is None:

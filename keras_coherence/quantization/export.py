@@ -198,7 +198,7 @@ def to_tflite(model, representative_data=None, allow_float_scales=False):
 
 def _check_finite_weights(model, kernels):
     """Raises ``ValueError`` naming the variables (and folded kernels) holding NaN or Inf."""
-    bad = [v.name for v in model.variables if v.dtype.is_floating and not np.all(np.isfinite(v.numpy()))]
+    bad = qat.nonfinite_variables(model)
     bad += [f"{k.name} (folded kernel)" for k in kernels
             if k.quantizer.folded and not np.all(np.isfinite(k.view().numpy()))]
     if bad:

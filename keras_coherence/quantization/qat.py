@@ -600,7 +600,7 @@ def quantize_model(model, bits=4, method="msqe", per_channel=True, fold_batchnor
     bits = _check_bits("bits", bits)
     activation_bits = _check_bits("activation_bits", activation_bits)
     folding._check_graph_model(model, "quantize_model")
-    nonfinite = [v.name for v in model.variables if v.dtype.is_floating and not np.all(np.isfinite(v.numpy()))]
+    nonfinite = nonfinite_variables(model)
     if nonfinite:
         raise ValueError("quantize_model: the float model's weights " + ", ".join(nonfinite) + " contain NaN "
                          "or Inf; quantize a model with finite weights (the PO2 exponents would be undefined)")
@@ -694,6 +694,11 @@ def calibrate_activations(model, x):
         model(x, training=False)
     finally:
         quant_ops.MovingAvgQuantize, quant_ops.AllValuesQuantize = moving, all_values
+
+
+def nonfinite_variables(model):
+    """Names of the model's floating-point variables that hold NaN or Inf."""
+    return [v.name for v in model.variables if v.dtype.is_floating and not np.all(np.isfinite(v.numpy()))]
 
 
 class QuantizedKernel:
