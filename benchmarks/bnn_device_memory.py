@@ -58,16 +58,15 @@ KINDS = ("constant", "resource_handle", "variable_read", "saved_for_backward", "
 
 # ------------------------------------------------------------------ child side (numpy + LiteRT)
 def _status_kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
+    from edge.runner import status_kib  # numpy-only, like this child
+
+    return status_kib(field, required=True)
 
 
 def _reset_peak():
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    from edge.runner import reset_peak_rss
+
+    reset_peak_rss(required=True)
 
 
 def _tensor_bytes(shape, dtype):
@@ -320,10 +319,10 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    sys.path.insert(0, os.path.dirname(_HERE))  # the packages themselves, when not pip-installed
     if args.child:
         print(json.dumps(child_measure(args.child[0], int(args.child[1]), int(args.child[2]))))
         return 0
-    sys.path.insert(0, os.path.dirname(_HERE))  # the package itself, when not pip-installed
     runs = []
     for item in args.runs.split(","):
         name, _, batch = item.partition(":")

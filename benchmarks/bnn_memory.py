@@ -30,11 +30,9 @@ MIB = 2 ** 20
 
 
 def _status_kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+    from edge.runner import status_kib  # the /proc/self readings python -m edge uses
+
+    return status_kib(field, required=True)
 
 
 def child(model_name, method, batch_size, steps, optimizer):
@@ -64,8 +62,9 @@ def child(model_name, method, batch_size, steps, optimizer):
 
 
 def _reset_peak():
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    from edge.runner import reset_peak_rss
+
+    reset_peak_rss(required=True)
 
 
 def parse_args(argv=None):

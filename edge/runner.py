@@ -35,8 +35,9 @@ def peak_rss_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _status_kib(field):
-    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``), or None off Linux."""
+def status_kib(field, required=False):
+    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``), or None off Linux
+    (``required=True``: RuntimeError instead, for measurements that must not go blank)."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -44,17 +45,22 @@ def _status_kib(field):
                     return int(line.split()[1])
     except OSError:
         pass
+    if required:
+        raise RuntimeError(f"{field} is not in /proc/self/status (Linux only)")
     return None
 
 
-def _reset_peak_rss():
+def reset_peak_rss(required=False):
     """Resets ``VmHWM`` to the current RSS (``echo 5 > /proc/self/clear_refs``, Linux >= 4.0);
-    False where that is not possible (then ``VmHWM`` keeps the peak since the process start)."""
+    False where that is not possible (then ``VmHWM`` keeps the peak since the process start;
+    ``required=True``: RuntimeError instead)."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         return True
     except OSError:
+        if required:
+            raise RuntimeError("cannot reset the peak-RSS mark (/proc/self/clear_refs)") from None
         return False
 
 
@@ -68,12 +74,12 @@ class InterpreterMemory:
     def __init__(self):
         import ai_edge_litert.interpreter  # noqa: F401  (the runtime belongs to the baseline)
 
-        self.baseline_kib = _status_kib("VmRSS")
-        self.valid = self.baseline_kib is not None and _reset_peak_rss()
+        self.baseline_kib = status_kib("VmRSS")
+        self.valid = self.baseline_kib is not None and reset_peak_rss()
         self.data_bytes = 0
 
     def mib(self):
-        peak = _status_kib("VmHWM") if self.valid else None
+        peak = status_kib("VmHWM") if self.valid else None
         if peak is None:
             return None
         return (peak - self.baseline_kib) / 1024.0 - self.data_bytes / 2.0 ** 20
