@@ -114,12 +114,11 @@ def _activation_name(layer):
 def _training_support(layer):
     """None when ``layer``'s training step lowers to TFLite builtins, else why it does not."""
     from keras_coherence._keras import keras
-    from keras_coherence.binary import layers as bl
 
     kl = keras.layers
-    if isinstance(layer, (bl.BinaryDense, bl.BinaryConv2D, bl.L1BatchNormalization,
-                          bl.LowMemoryMaxPooling2D, kl.InputLayer, kl.Flatten, kl.Reshape,
-                          kl.Add, kl.GlobalAveragePooling2D)):
+    # layers with a hand-written backward declare it (``builtin_backward = True``)
+    if getattr(layer, "builtin_backward", False) or isinstance(
+            layer, (kl.InputLayer, kl.Flatten, kl.Reshape, kl.Add, kl.GlobalAveragePooling2D)):
         return None
     if isinstance(layer, (kl.Dense, kl.Activation)):  # larq's QuantDense is a Dense
         act = _activation_name(layer)

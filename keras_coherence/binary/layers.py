@@ -52,6 +52,8 @@ def _method_arg(method):
 class _BinaryLayer(keras.layers.Layer):
     """Shared plumbing: the method, the kernel, ``first_layer``."""
 
+    builtin_backward = True  # its backward lowers to TFLite builtins (on-device training)
+
     def __init__(self, first_layer=False, method="low_memory", kernel_initializer=None,
                  **kwargs):
         super().__init__(**kwargs)
@@ -194,6 +196,8 @@ class L1BatchNormalization(keras.layers.Layer):
         method: see the module docstring (its ``activation_grad`` rounds ``dy``).
     """
 
+    builtin_backward = True
+
     def __init__(self, momentum=0.9, epsilon=1e-6, method="low_memory", **kwargs):
         super().__init__(**kwargs)
         if not 0.0 <= float(momentum) < 1.0:
@@ -271,6 +275,8 @@ class LowMemoryMaxPooling2D(keras.layers.MaxPooling2D):
     ...
     ValueError: LowMemoryMaxPooling2D needs a square pool with strides equal to pool_size (non-overlapping windows); got pool_size=(3, 3), strides=(2, 2).
     """
+
+    builtin_backward = True
 
     def __init__(self, pool_size=(2, 2), strides=None, padding="valid", data_format=None,
                  **kwargs):
