@@ -19,8 +19,18 @@ is a field of :class:`LowMemoryConfig`, so it can be switched off for an ablatio
 ``method`` arguments everywhere in :mod:`keras_coherence.binary` accept
 ``"standard"`` (Courbariaux & Bengio: plain larq layers, float latent weights, STE,
 standard batch norm), ``"low_memory"`` (every technique on, the paper's final
-configuration), ``"low_memory_po2"`` (the same with PO2 activation gradients), a
+configuration), ``"low_memory_po2"`` (the same with PO2 activation gradients),
+``"standard_device"`` (every technique off, :meth:`LowMemoryConfig.standard_device`), a
 :class:`LowMemoryConfig`, or its ``get_config()`` dict.
+
+``"standard_device"`` is the standard method's arithmetic (float32 saved activations,
+standard batch norm with gamma and beta, float kernel gradients, float32 activation
+gradients and latent weights) built from the layers of
+:mod:`keras_coherence.binary.layers`, whose backward passes are hand-written from
+TFLite builtins: the baseline that, unlike ``"standard"`` (larq and Keras layers, whose
+autodiff needs ``Conv2DBackpropFilter``, ``FusedBatchNormGradV3``, ``MaxPoolGrad``),
+exports for on-device training with
+:mod:`keras_coherence.binary.export_training`.
 
 >>> LowMemoryConfig(activation_grad="po2").activation_grad
 'po2'
@@ -28,6 +38,10 @@ configuration), ``"low_memory_po2"`` (the same with PO2 activation gradients), a
 True
 >>> resolve_method("low_memory") == LowMemoryConfig()
 True
+>>> resolve_method("standard_device") == LowMemoryConfig.standard_device() == STANDARD_DEVICE
+True
+>>> STANDARD_DEVICE.l1_batchnorm, STANDARD_DEVICE.activation_grad
+(False, 'float32')
 >>> LowMemoryConfig(latent_weights="int8")
 Traceback (most recent call last):
 ...
@@ -39,7 +53,7 @@ import dataclasses
 import numbers
 from typing import Optional, Union
 
-__all__ = ["LowMemoryConfig", "resolve_method", "method_name", "METHODS",
+__all__ = ["LowMemoryConfig", "resolve_method", "method_name", "METHODS", "STANDARD_DEVICE",
            "ACTIVATION_GRAD_MODES", "LATENT_WEIGHT_MODES"]
 
 ACTIVATION_GRAD_MODES = ("float32", "float16", "po2")
@@ -89,6 +103,21 @@ class LowMemoryConfig:
         half = 2 ** (self.po2_exponent_bits - 1)
         return -half, half - 1
 
+    @classmethod
+    def standard_device(cls) -> "LowMemoryConfig":
+        """Every technique off: the standard method's arithmetic in layers whose backward
+        passes lower to TFLite builtins (the ``"standard_device"`` preset)."""
+        return cls(binary_activation_retention=False, l1_batchnorm=False,
+                   binarize_weight_grads=False, activation_grad="float32",
+                   latent_weights="float32")
+
+    @property
+    def all_off(self) -> bool:
+        """True when no technique is on (the ``"standard_device"`` arithmetic)."""
+        return (not self.binary_activation_retention and not self.l1_batchnorm
+                and not self.binarize_weight_grads and self.activation_grad == "float32"
+                and self.latent_weights == "float32")
+
     def get_config(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -107,13 +136,17 @@ def _check_choice(name, value, choices):
         )
 
 
+#: The ``"standard_device"`` preset: every low-memory technique off.
+STANDARD_DEVICE = LowMemoryConfig.standard_device()
+
 _NAMED = {
     "standard": None,
     "low_memory": LowMemoryConfig(),
     "low_memory_po2": LowMemoryConfig(activation_grad="po2"),
+    "standard_device": STANDARD_DEVICE,
 }
 _ALIASES = {"low-memory": "low_memory", "lowmem": "low_memory", "low-memory-po2": "low_memory_po2",
-            "vanilla": "standard"}
+            "vanilla": "standard", "standard-device": "standard_device"}
 
 #: Method names accepted by ``resolve_method``.
 METHODS = tuple(_NAMED)

@@ -12,6 +12,21 @@
   whose backward keeps the argmax index and is built from TFLite builtins
   (:func:`~keras_coherence.binary.ops.max_pool2d`) instead of autodiff's ``MaxPoolGrad``.
 
+The *device* layers replace the real (non-binary) Keras layers of the standard baseline
+(``method="standard_device"``) and of ResNetE-18 so that their training step lowers to
+TFLite builtins too. Each subclasses the Keras layer it replaces (same arguments,
+weights, names and config; the inference path is unchanged) and overrides the training
+computation with a hand-written backward from :mod:`keras_coherence.binary.real_ops`:
+
+* :class:`DeviceBatchNormalization` -- ``BatchNormalization`` (gamma and beta), standard
+  backward keeping ``x_hat`` in float32;
+* :class:`DeviceConv2D` -- ``Conv2D`` with a float kernel (the ResNetE-18 stem and
+  shortcut convolutions);
+* :class:`DeviceReLU` -- ``Activation("relu")``, keeping a ``bool`` mask;
+* :class:`DeviceMaxPooling2D` -- ``MaxPooling2D`` with any window, strides and padding
+  (overlapping windows too), keeping the float32 input as ``MaxPoolGrad`` does;
+* :class:`DeviceAveragePooling2D` -- ``AveragePooling2D``, keeping nothing.
+
 ``method`` is ``"low_memory"`` (default), ``"low_memory_po2"``, a
 :class:`~keras_coherence.binary.config.LowMemoryConfig` or its dict, or ``"standard"``
 (the same hand-written backward with every technique off: float32 everywhere, float
@@ -29,11 +44,12 @@ from __future__ import annotations
 import math
 
 from keras_coherence._keras import keras, tf
-from keras_coherence.binary import ops
+from keras_coherence.binary import ops, real_ops
 from keras_coherence.binary.config import resolve_method
 
 __all__ = ["BinaryDense", "BinaryConv2D", "L1BatchNormalization", "LowMemoryMaxPooling2D",
-           "bnn_initializer", "LOW_MEMORY_LAYERS"]
+           "DeviceBatchNormalization", "DeviceConv2D", "DeviceReLU", "DeviceMaxPooling2D",
+           "DeviceAveragePooling2D", "bnn_initializer", "LOW_MEMORY_LAYERS", "DEVICE_LAYERS"]
 
 
 def bnn_initializer():
@@ -294,5 +310,218 @@ class LowMemoryMaxPooling2D(keras.layers.MaxPooling2D):
         return ops.max_pool2d(inputs, self.pool_size[0], self.padding)
 
 
+def _training_flag(layer, training):
+    """``training`` resolved as Keras does (the learning phase when None; False for a
+    frozen layer): a Python bool or a bool tensor."""
+    if training is None:
+        training = keras.backend.learning_phase()
+    if isinstance(training, int) and not isinstance(training, tf.Tensor):
+        training = bool(training)
+    if not layer.trainable:
+        training = False
+    if isinstance(training, tf.Tensor):
+        static = tf.get_static_value(training)
+        if static is not None:
+            training = bool(static)
+    return training
+
+
+def _train_or_infer(training, train, infer):
+    if isinstance(training, bool):
+        return train() if training else infer()
+    return tf.cond(tf.cast(training, tf.bool), train, infer)
+
+
+@keras.utils.register_keras_serializable(package="keras_coherence")
+class DeviceBatchNormalization(keras.layers.BatchNormalization):
+    """``keras.layers.BatchNormalization`` whose training step has a hand-written,
+    builtin-only backward (:func:`~keras_coherence.binary.real_ops.batch_norm`).
+
+    Same arguments, weights (gamma, beta, moving mean, moving variance) and config as
+    Keras's layer, and the same inference path. Training normalizes by the batch's mean
+    and biased variance over every axis but the last and updates the moving statistics
+    as Keras does: ``m <- momentum * m + (1 - momentum) * batch``, with the variance
+    Bessel-corrected (``n / (n - 1)``) where Keras uses its fused kernel (rank-4 inputs)
+    and biased otherwise. The backward keeps ``x_hat`` (float32) and ``1/sigma`` per
+    channel instead of autodiff's ``FusedBatchNormGradV3`` (no TFLite builtin).
+
+    Only ``axis=-1`` without renorm, virtual batches or adjustment.
+
+    >>> bn = DeviceBatchNormalization(momentum=0.9, epsilon=1e-4)
+    >>> y = bn(tf.constant([[0.0], [2.0]]), training=True)
+    >>> [round(v, 4) for v in y.numpy().ravel().tolist()], bn.moving_mean.numpy().tolist()
+    ([-1.0, 1.0], [0.10000000149011612])
+    """
+
+    builtin_backward = True
+
+    def __init__(self, axis=-1, **kwargs):
+        super().__init__(axis=axis, **kwargs)
+        bad = [name for name, value in (("renorm", self.renorm),
+                                        ("virtual_batch_size", self.virtual_batch_size),
+                                        ("adjustment", self.adjustment),
+                                        ("synchronized", getattr(self, "synchronized", False)))
+               if value]
+        if bad:
+            raise ValueError(f"{type(self).__name__} does not support {', '.join(bad)}; use "
+                             "keras.layers.BatchNormalization (not exportable for on-device "
+                             "training).")
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        rank = len(input_shape)
+        if list(self.axis) != [rank - 1]:
+            raise ValueError(f"{type(self).__name__} normalizes the last axis only; got "
+                             f"axis={self.axis} for inputs of rank {rank}.")
+
+    def call(self, inputs, training=None, mask=None):
+        if mask is not None:
+            raise ValueError(f"{type(self).__name__} does not take a mask.")
+        training = _training_flag(self, training)
+        return _train_or_infer(training, lambda: self._train(inputs),
+                               lambda: super(DeviceBatchNormalization, self).call(
+                                   inputs, training=False))
+
+    def _train(self, x):
+        x = tf.cast(x, self.compute_dtype)
+        axes = list(range(x.shape.rank - 1))
+        xs = tf.stop_gradient(x)
+        mean = tf.reduce_mean(xs, axis=axes)
+        variance = tf.reduce_mean(tf.square(xs - mean), axis=axes)
+        moving_variance = variance
+        if self.fused:  # Keras's fused kernel updates with the unbiased variance
+            n = 1
+            for d in x.shape[:-1]:
+                n *= int(d) if d is not None else 0
+            if n > 1:
+                moving_variance = variance * (n / (n - 1.0))
+            elif n == 0:  # unknown batch: count at run time
+                count = tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), x.dtype)
+                moving_variance = variance * count / tf.maximum(count - 1.0, 1.0)
+        m = self.momentum
+        self.moving_mean.assign(m * self.moving_mean + (1.0 - m) * mean)
+        self.moving_variance.assign(m * self.moving_variance + (1.0 - m) * moving_variance)
+        return real_ops.batch_norm(x, mean, variance, self.gamma, self.beta, self.epsilon)
+
+
+@keras.utils.register_keras_serializable(package="keras_coherence")
+class DeviceConv2D(keras.layers.Conv2D):
+    """``keras.layers.Conv2D`` (float kernel) whose backward is hand-written from TFLite
+    builtins (:func:`~keras_coherence.binary.real_ops.conv2d`) instead of autodiff's
+    ``Conv2DBackpropFilter``; the bias, if any, is a broadcast add.
+
+    Same arguments, weights and config as ``Conv2D``; only ``channels_last``,
+    ``groups=1``, ``"valid"``/``"same"`` padding and no activation (follow it with
+    :class:`DeviceReLU`). A TFLite training model of it needs a fixed batch size.
+
+    >>> DeviceConv2D(8, 7, strides=2, padding="same", use_bias=False)(tf.ones((1, 32, 32, 3))).shape
+    TensorShape([1, 16, 16, 8])
+    """
+
+    builtin_backward = True
+
+    def __init__(self, filters, kernel_size, **kwargs):
+        super().__init__(filters, kernel_size, **kwargs)
+        if self.data_format != "channels_last" or self.groups != 1:
+            raise ValueError(f"{type(self).__name__} supports channels_last and groups=1 only; "
+                             f"got data_format={self.data_format!r}, groups={self.groups}.")
+        if self.padding not in ("valid", "same"):
+            raise ValueError(f"padding={self.padding!r} must be 'valid' or 'same'.")
+        if getattr(self.activation, "__name__", "linear") != "linear":
+            raise ValueError(f"{type(self).__name__} takes no activation (its autodiff "
+                             f"gradient has no TFLite builtin); got "
+                             f"{self.activation.__name__!r}: add a DeviceReLU after it.")
+
+    def convolution_op(self, inputs, kernel):
+        return real_ops.conv2d(inputs, kernel, self.strides, self.padding, self.dilation_rate)
+
+    def call(self, inputs):
+        outputs = self.convolution_op(inputs, self.kernel)
+        if self.use_bias:
+            outputs = outputs + self.bias
+        return outputs
+
+
+@keras.utils.register_keras_serializable(package="keras_coherence")
+class DeviceReLU(keras.layers.Activation):
+    """``keras.layers.Activation("relu")`` whose backward keeps the ``bool`` mask
+    ``x > 0`` (:func:`~keras_coherence.binary.real_ops.relu`) instead of autodiff's
+    ``ReluGrad`` (no TFLite builtin) on the float output.
+
+    >>> DeviceReLU()(tf.constant([-1.0, 2.0])).numpy().tolist()
+    [0.0, 2.0]
+    """
+
+    builtin_backward = True
+
+    def __init__(self, activation="relu", **kwargs):
+        name = activation if isinstance(activation, str) else getattr(activation, "__name__", None)
+        if name != "relu":
+            raise ValueError(f"{type(self).__name__} is a ReLU; got activation={activation!r}.")
+        super().__init__("relu", **kwargs)
+
+    def call(self, inputs):
+        return real_ops.relu(inputs)
+
+
+def _check_channels_last(layer):
+    if layer.data_format != "channels_last":
+        raise ValueError(f"{type(layer).__name__} supports channels_last only; got "
+                         f"data_format={layer.data_format!r}.")
+
+
+@keras.utils.register_keras_serializable(package="keras_coherence")
+class DeviceMaxPooling2D(keras.layers.MaxPooling2D):
+    """``keras.layers.MaxPooling2D`` with the builtin-only backward of
+    :func:`~keras_coherence.binary.real_ops.max_pool2d`: any window, strides and padding
+    (overlapping windows such as ResNet's 3x3/2 stem pool included); it keeps the
+    float32 input, as autodiff's ``MaxPoolGrad`` does, and routes each gradient to the
+    first maximum of its window (row-major), the element ``MaxPoolGrad`` picks on ties.
+    (:class:`LowMemoryMaxPooling2D` keeps a ``uint8`` argmax instead, for
+    non-overlapping windows only.)
+
+    Same arguments and config as ``MaxPooling2D``; ``channels_last`` and static spatial
+    shapes.
+
+    >>> DeviceMaxPooling2D(3, strides=2, padding="same")(tf.ones((1, 16, 16, 2))).shape
+    TensorShape([1, 8, 8, 2])
+    """
+
+    builtin_backward = True
+
+    def __init__(self, pool_size=(2, 2), strides=None, padding="valid", data_format=None,
+                 **kwargs):
+        super().__init__(pool_size, strides, padding, data_format, **kwargs)
+        _check_channels_last(self)
+
+    def call(self, inputs):
+        return real_ops.max_pool2d(inputs, self.pool_size, self.strides, self.padding)
+
+
+@keras.utils.register_keras_serializable(package="keras_coherence")
+class DeviceAveragePooling2D(keras.layers.AveragePooling2D):
+    """``keras.layers.AveragePooling2D`` with the builtin-only backward of
+    :func:`~keras_coherence.binary.real_ops.avg_pool2d` (autodiff's ``AvgPoolGrad`` has
+    no TFLite builtin): any window, strides and padding; it keeps nothing of the input.
+
+    >>> DeviceAveragePooling2D(2)(tf.ones((1, 5, 4, 3))).shape
+    TensorShape([1, 2, 2, 3])
+    """
+
+    builtin_backward = True
+
+    def __init__(self, pool_size=(2, 2), strides=None, padding="valid", data_format=None,
+                 **kwargs):
+        super().__init__(pool_size, strides, padding, data_format, **kwargs)
+        _check_channels_last(self)
+
+    def call(self, inputs):
+        return real_ops.avg_pool2d(inputs, self.pool_size, self.strides, self.padding)
+
+
 #: The layer classes whose memory the low-memory rules of ``memory.py`` describe.
 LOW_MEMORY_LAYERS = (BinaryDense, BinaryConv2D, L1BatchNormalization)
+
+#: Keras layers with a builtin-only training step, each a subclass of the one it replaces.
+DEVICE_LAYERS = (DeviceBatchNormalization, DeviceConv2D, DeviceReLU, DeviceMaxPooling2D,
+                 DeviceAveragePooling2D)

@@ -12,8 +12,20 @@ Each binary layer is followed by batch norm (l1 batch norm when the config says 
 the next binary layer binarizes its input, so the batch-norm output of the last layer
 is the logits (no softmax: compile with ``from_logits=True``). The first layer keeps its
 real input. Low-memory CNV / BinaryNet pool with
-:class:`~keras_coherence.binary.layers.LowMemoryMaxPooling2D` (a builtin-only backward),
-standard ones with Keras ``MaxPooling2D``. ``dense_as_conv=True`` writes every binary
+:class:`~keras_coherence.binary.layers.LowMemoryMaxPooling2D` (a builtin-only backward
+keeping a ``uint8`` argmax) when the config's ``binary_activation_retention`` is on,
+else with :class:`~keras_coherence.binary.layers.DeviceMaxPooling2D` (keeping the float
+input, as autodiff's ``MaxPoolGrad``); standard ones with Keras ``MaxPooling2D``.
+
+Every method but ``"standard"`` builds only layers whose training step lowers to TFLite
+builtins (on-device training, :mod:`keras_coherence.binary.export_training`): batch norm
+that is not l1 batch norm is
+:class:`~keras_coherence.binary.layers.DeviceBatchNormalization` (standard batch norm,
+gamma and beta), and ResNetE-18's real layers are the device layers of
+:mod:`keras_coherence.binary.layers` (``DeviceConv2D``, ``DeviceReLU``,
+``DeviceMaxPooling2D``, ``DeviceAveragePooling2D``; float32 arithmetic in every method).
+``method="standard_device"`` is therefore the standard baseline that exports for
+on-device training. ``dense_as_conv=True`` writes every binary
 dense layer as a 1x1 binary convolution on ``(1, 1, C)`` tensors, the form the Larq
 Compute Engine turns into ``LceBconv2d``.
 
@@ -96,17 +108,44 @@ class _Blocks:
         return keras.layers.Flatten(name=name)(x) if self.dense_as_conv else x
 
     def max_pool(self, x, name):
-        """2x2 max pool; low-memory models use the one with a builtin-only backward."""
-        layer = keras.layers.MaxPooling2D if self.standard else bl.LowMemoryMaxPooling2D
+        """2x2 max pool; other methods than standard use one with a builtin-only backward:
+        the argmax-keeping one with binary activation retention, else the float one."""
+        if self.standard:
+            layer = keras.layers.MaxPooling2D
+        elif self.config.binary_activation_retention:
+            layer = bl.LowMemoryMaxPooling2D
+        else:
+            layer = bl.DeviceMaxPooling2D
         return layer(2, name=name)(x)
 
     def batch_norm(self, x, name, binary=True):
-        """Batch norm after a layer; l1 batch norm after binary layers when configured."""
+        """Batch norm after a layer; l1 batch norm after binary layers when configured,
+        else standard batch norm (with a builtin-only backward unless standard)."""
         if binary and not self.standard and self.config.l1_batchnorm:
             return bl.L1BatchNormalization(momentum=BN_MOMENTUM, method=self.config,
                                            name=name)(x)
-        return keras.layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-                                               name=name)(x)
+        layer = keras.layers.BatchNormalization if self.standard else bl.DeviceBatchNormalization
+        return layer(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name)(x)
+
+    # real (non-binary) layers of ResNetE-18 ----------------------------------------------
+    def real_conv(self, x, filters, kernel_size, name, strides=1, padding="valid"):
+        """A float convolution without bias."""
+        layer = keras.layers.Conv2D if self.standard else bl.DeviceConv2D
+        return layer(filters, kernel_size, strides=strides, padding=padding, use_bias=False,
+                     name=name)(x)
+
+    def relu(self, x, name):
+        if self.standard:
+            return keras.layers.Activation("relu", name=name)(x)
+        return bl.DeviceReLU(name=name)(x)
+
+    def real_max_pool(self, x, pool_size, strides, padding, name):
+        layer = keras.layers.MaxPooling2D if self.standard else bl.DeviceMaxPooling2D
+        return layer(pool_size, strides=strides, padding=padding, name=name)(x)
+
+    def avg_pool(self, x, pool_size, name):
+        layer = keras.layers.AveragePooling2D if self.standard else bl.DeviceAveragePooling2D
+        return layer(pool_size, name=name)(x)
 
 
 def _check_widths(name, widths):
@@ -210,17 +249,20 @@ def resnet_e18(input_shape: Sequence[int] = (224, 224, 3), num_classes: int = 10
     shortcut is the identity, or 2x2 average pool + real 1x1 conv + BN where the stage
     halves the resolution and doubles the width). Head: ReLU, global average pool, real
     dense logits. Binary units are named ``stage{s}_block{b}_conv{u}``.
+
+    With any method but ``"standard"``, the real layers are the device layers of
+    :mod:`keras_coherence.binary.layers` (same weights and names), so the whole
+    training step lowers to TFLite builtins.
     """
     shape, num_classes = _image_shape("resnet_e18", input_shape, num_classes, 32)
     if isinstance(width, bool) or not isinstance(width, numbers.Integral) or width < 1:
         raise ValueError(f"width={width!r} must be a positive integer.")
     b = _Blocks(method)
     inputs = keras.Input(shape, name="input")
-    h = keras.layers.Conv2D(width, 7, strides=2, padding="same", use_bias=False,
-                            name="stem_conv")(inputs)
+    h = b.real_conv(inputs, width, 7, "stem_conv", strides=2, padding="same")
     h = b.batch_norm(h, "stem_bn", binary=False)
-    h = keras.layers.Activation("relu", name="stem_relu")(h)
-    h = keras.layers.MaxPooling2D(3, strides=2, padding="same", name="stem_pool")(h)
+    h = b.relu(h, "stem_relu")
+    h = b.real_max_pool(h, 3, 2, "same", "stem_pool")
     for stage in range(4):
         for block in range(2):
             for unit in range(2):
@@ -231,12 +273,11 @@ def resnet_e18(input_shape: Sequence[int] = (224, 224, 3), num_classes: int = 10
                 y = b.batch_norm(y, f"{prefix}_bn")
                 shortcut = h
                 if down:
-                    shortcut = keras.layers.AveragePooling2D(2, name=f"{prefix}_sc_pool")(h)
-                    shortcut = keras.layers.Conv2D(filters, 1, use_bias=False,
-                                                   name=f"{prefix}_sc_conv")(shortcut)
+                    shortcut = b.avg_pool(h, 2, f"{prefix}_sc_pool")
+                    shortcut = b.real_conv(shortcut, filters, 1, f"{prefix}_sc_conv")
                     shortcut = b.batch_norm(shortcut, f"{prefix}_sc_bn", binary=False)
                 h = keras.layers.Add(name=f"{prefix}_add")([y, shortcut])
-    h = keras.layers.Activation("relu", name="head_relu")(h)
+    h = b.relu(h, "head_relu")
     h = keras.layers.GlobalAveragePooling2D(name="head_pool")(h)
     outputs = keras.layers.Dense(num_classes, name="logits")(h)
     return keras.Model(inputs, outputs, name=name)
