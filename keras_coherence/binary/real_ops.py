@@ -26,6 +26,9 @@ ReLU, which keeps a ``bool`` mask instead of its float output:
 
 Pools take any window size, strides and ``"VALID"``/``"SAME"`` padding (overlapping
 windows included); every op is NHWC with static height, width and channels.
+
+The ops have no tensor-dependent Python control flow, so they are excluded from
+AutoGraph (``do_not_convert``): inside a ``tf.function`` they trace as written.
 """
 from __future__ import annotations
 
@@ -35,6 +38,8 @@ from keras_coherence._keras import tf
 from keras_coherence.binary import ops
 
 __all__ = ["conv2d", "batch_norm", "relu", "max_pool2d", "avg_pool2d", "pool_geometry"]
+
+_plain = tf.autograph.experimental.do_not_convert
 
 
 def _pair(value, name):
@@ -69,6 +74,7 @@ def _static_nhwc(x, what):
 # --------------------------------------------------------------------------------------
 
 
+@_plain
 def conv2d(x, kernel, strides=(1, 1), padding="VALID", dilations=(1, 1)):
     """``tf.nn.convolution(x, kernel, strides, padding, dilations)`` (NHWC, HWIO kernel)
     with a builtin-only backward.
@@ -116,6 +122,7 @@ def conv2d(x, kernel, strides=(1, 1), padding="VALID", dilations=(1, 1)):
 # --------------------------------------------------------------------------------------
 
 
+@_plain
 def batch_norm(x, mean, variance, gamma=None, beta=None, epsilon=1e-3):
     """Training-mode batch norm ``gamma * (x - mean) / sqrt(variance + epsilon) + beta``
     over the last axis, with the standard backward written out.
@@ -167,6 +174,7 @@ def batch_norm(x, mean, variance, gamma=None, beta=None, epsilon=1e-3):
 # --------------------------------------------------------------------------------------
 
 
+@_plain
 def relu(x):
     """``tf.nn.relu(x)`` whose backward keeps the ``bool`` mask ``x > 0`` (autodiff's
     ``ReluGrad`` keeps the float output and has no TFLite builtin): ``dx = dy * mask``.
@@ -260,6 +268,7 @@ def _scatter(parts, pool, strides, padded_hw, dtype):
                                   strides=list(strides), padding="VALID")
 
 
+@_plain
 def max_pool2d(x, pool_size, strides=None, padding="VALID"):
     """``tf.nn.max_pool2d(x, pool_size, strides, padding)`` (NHWC; ``strides`` defaults to
     ``pool_size``) with a builtin-only backward that keeps what ``MaxPoolGrad`` keeps:
@@ -317,6 +326,7 @@ def max_pool2d(x, pool_size, strides=None, padding="VALID"):
     return _op(x)
 
 
+@_plain
 def avg_pool2d(x, pool_size, strides=None, padding="VALID"):
     """``tf.nn.avg_pool2d(x, pool_size, strides, padding)`` (NHWC; ``strides`` defaults
     to ``pool_size``) with a builtin-only backward (autodiff's ``AvgPoolGrad`` has no
