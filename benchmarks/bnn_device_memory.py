@@ -170,13 +170,13 @@ def child_measure(model_path, batch_size, steps):
     """Runs in the subprocess: the memory phases, step times and the tensor breakdown
     (see the module docstring); returns a JSON-able dict."""
     import numpy as np
-    from ai_edge_litert.interpreter import Interpreter
+    from edge.runner import open_interpreter
 
     with open(model_path, "rb") as f:
         flatbuffer = f.read()  # parsed before the baseline, so the breakdown costs no phase
     tensors, arena = tensor_breakdown(flatbuffer)
     del flatbuffer
-    probe = Interpreter(model_path=model_path)  # shapes only; freed before the baseline
+    probe = open_interpreter(model_path)  # shapes only; freed before the baseline
     spec = probe.get_signature_runner("train").get_input_details()
     infer_out = probe.get_signature_runner("infer").get_output_details()["logits"]["shape_signature"]
     state = probe.get_signature_runner("get_weights").get_output_details()
@@ -189,7 +189,7 @@ def child_measure(model_path, batch_size, steps):
     out = {"data_bytes": int(x.nbytes + y.nbytes), "state_bytes": state_bytes}
     out["baseline_rss_kib"] = _status_kib("VmRSS")
     _reset_peak()
-    interpreter = Interpreter(model_path=model_path)
+    interpreter = open_interpreter(model_path)  # as python -m edge runs it
     interpreter.allocate_tensors()
     train = interpreter.get_signature_runner("train")
     out["load_rss_kib"], out["load_hwm_kib"] = _status_kib("VmRSS"), _status_kib("VmHWM")

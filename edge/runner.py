@@ -115,12 +115,26 @@ def _read_npz(path, keys=None):
                          "it may be truncated or damaged: write it again") from err
 
 
+def open_interpreter(path, num_threads=None, xnnpack=False):
+    """A LiteRT ``Interpreter`` for ``path``; without the default XNNPACK delegate unless
+    ``xnnpack``. A training graph's filters are tensors, not constants, so XNNPACK takes
+    only parts of it and keeps its own buffers for them beside LiteRT's arena: measured
+    on the low-memory CNV at batch 100, 191 MiB with it vs 110 MiB without, at about the
+    same step time (3.1 vs 3.5 s)."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    options = {} if xnnpack else {
+        "experimental_op_resolver_type": OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES}
+    return Interpreter(model_path=path, num_threads=num_threads, **options)
+
+
 class TrainingModel:
     """A training model's four signatures in one LiteRT interpreter.
 
     Args:
         path: the ``.tflite`` file.
         num_threads: interpreter threads (None: LiteRT's default).
+        xnnpack: use LiteRT's default XNNPACK delegate (see :func:`open_interpreter`).
 
     Raises:
         ValueError: the file is missing, not a valid TFLite model (truncated, damaged),
@@ -128,16 +142,14 @@ class TrainingModel:
             its ``set_weights`` inputs.
     """
 
-    def __init__(self, path, num_threads=None):
-        from ai_edge_litert.interpreter import Interpreter
-
+    def __init__(self, path, num_threads=None, xnnpack=False):
         if num_threads is not None:
             _check_positive("--threads", num_threads)
         if not os.path.isfile(path):
             raise ValueError(f"the model {path} does not exist (or is not a file)")
         self.path = path
         try:
-            self.interpreter = Interpreter(model_path=path, num_threads=num_threads)
+            self.interpreter = open_interpreter(path, num_threads, xnnpack)
         except ValueError as err:  # LiteRT's flatbuffer verifier: truncated, damaged, empty, not TFLite
             message = " ".join(str(err).split())
             raise ValueError(f"{path} is not a valid TFLite model (LiteRT: {message}); it may be truncated "

@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 import pytest
-from ai_edge_litert.interpreter import Interpreter
+from edge.runner import open_interpreter
 
 import keras_coherence  # noqa: F401  (Keras 2 policy first)
 from keras_coherence._keras import keras
@@ -57,7 +57,7 @@ def test_child_imports_neither_tensorflow_nor_keras_coherence(measured):
 
 def test_tensor_bytes_equal_the_interpreters_shapes(files, measured):
     path, _ = files
-    interpreter = Interpreter(model_path=str(path))
+    interpreter = open_interpreter(str(path))
     runner = interpreter.get_signature_runner("train")
     runner(x=np.zeros((BATCH, 64), np.float32), y=np.zeros(BATCH, np.int32))
     details = interpreter.get_tensor_details(runner._subgraph_index)
@@ -90,7 +90,7 @@ def test_tensor_bytes_equal_the_interpreters_shapes(files, measured):
 
 def test_state_and_losses_equal_an_in_process_run(files, measured):
     path, _ = files
-    interpreter = Interpreter(model_path=str(path))
+    interpreter = open_interpreter(str(path))
     state = interpreter.get_signature_runner("get_weights")()
     assert measured["state_bytes"] == sum(np.asarray(v).nbytes for v in state.values())
     # the child trains on default_rng(0): x uniform in [-1, 1], y integers in [0, classes)
@@ -125,7 +125,7 @@ def test_edge_train_prints_interpreter_memory(files, tmp_path):
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     state_mib = sum(np.asarray(v).nbytes for v in
-                    Interpreter(model_path=str(path)).get_signature_runner("get_weights")().values()) / 2 ** 20
+                    open_interpreter(str(path)).get_signature_runner("get_weights")().values()) / 2 ** 20
     # the state is resident after training; the interpreter's part is below the whole process
     assert state_mib <= summary["interpreter_peak_mib"] < summary["peak_rss_mib"]
     lines = re.findall(r"epoch (\d)/2 .* ([0-9.]+) ms/step interpreter ([0-9.]+) MiB", proc.stderr)

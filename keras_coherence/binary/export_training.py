@@ -36,12 +36,16 @@ import tempfile
 import numpy as np
 
 from keras_coherence._keras import tf
+from keras_coherence.binary import ops
 from keras_coherence.binary.export_lce import non_builtin_ops
 
 __all__ = ["TrainingModule", "to_tflite", "state_name", "keras_state", "set_keras_weights",
            "softmax_cross_entropy", "check_trainable_on_device", "SUPPORTED_LAYERS"]
 
 SIGNATURES = ("train", "infer", "get_weights", "set_weights")
+
+#: Default im2col budget of one convolution in the training graph (see ``scratch_bytes``).
+DEFAULT_SCRATCH_BYTES = 16 * 2 ** 20
 
 
 def state_name(variable_name):
@@ -170,11 +174,16 @@ class TrainingModule(tf.Module):
         batch_size: fixed batch size of ``train``, or None for any (``infer`` takes any).
             Models with convolutions need a fixed one: the filter gradient is a
             convolution whose channel axis is the batch.
+        scratch_bytes: the largest im2col buffer one convolution of the training graph
+            may need (LiteRT's ``CONV_2D`` allocates ``output pixels x batch x kh*kw*C_in``
+            floats for a non-constant filter): larger batches are split into chunks
+            (same arithmetic; the kernel gradient sums over the chunks). None: no split.
     """
 
     def __init__(self, model, learning_rate=1e-3, beta_1=0.9, beta_2=0.999, epsilon=1e-7,
-                 clip_binary_kernels=False, batch_size=None):
+                 clip_binary_kernels=False, batch_size=None, scratch_bytes=DEFAULT_SCRATCH_BYTES):
         super().__init__(name="binary_training")
+        self.scratch_bytes = ops.scratch_budget(scratch_bytes).nbytes  # validates
         if len(model.inputs) != 1:
             raise ValueError(f"TrainingModule needs a single-input model; {model.name!r} has {len(model.inputs)}")
         check_trainable_on_device(model)
@@ -212,17 +221,23 @@ class TrainingModule(tf.Module):
         lr, beta_1, beta_2, epsilon = self._hyper
         s = self.state
         params = [s[n] for n in self.trainable_names]
-        with tf.GradientTape() as tape:
+        with ops.scratch_budget(self.scratch_bytes), tf.GradientTape() as tape:
             loss = softmax_cross_entropy(self._model(x, training=True), y)
-        grads = tape.gradient(loss, params)
+            grads = tape.gradient(loss, params)
         step = s["adam_step"].assign_add(1.0)
         alpha = lr * tf.sqrt(1.0 - tf.pow(beta_2, step)) / (1.0 - tf.pow(beta_1, step))
         for name, var, g in zip(self.trainable_names, params, grads):
             if g is None:
                 raise ValueError(f"{name} gets no gradient from the loss")
-            m = s[f"adam_m_{name}"].assign_add((g - s[f"adam_m_{name}"]) * (1.0 - beta_1))
-            v = s[f"adam_v_{name}"].assign_add((tf.square(g) - s[f"adam_v_{name}"]) * (1.0 - beta_2))
-            new = var - m * alpha / (tf.sqrt(v) + epsilon)
+            # read the state once its gradient exists: a read with no input may be
+            # scheduled first, and its copy then lives in the arena for the whole step
+            with tf.control_dependencies([g]):
+                m_old = s[f"adam_m_{name}"].read_value()
+                v_old = s[f"adam_v_{name}"].read_value()
+                w_old = var.read_value()
+            m = s[f"adam_m_{name}"].assign(m_old + (g - m_old) * (1.0 - beta_1))
+            v = s[f"adam_v_{name}"].assign(v_old + (tf.square(g) - v_old) * (1.0 - beta_2))
+            new = w_old - m * alpha / (tf.sqrt(v) + epsilon)
             if self._clip and getattr(var, "precision", None) == 1:
                 new = tf.clip_by_value(new, -1.0, 1.0)
             var.assign(new)
@@ -269,7 +284,9 @@ def to_tflite(module):
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "saved_model")
         signatures = {k: f.get_concrete_function() for k, f in module.signatures().items()}
-        tf.saved_model.save(module, path, signatures=signatures)
+        # the signatures' own gradients are not needed (and would be traced again)
+        tf.saved_model.save(module, path, signatures=signatures,
+                            options=tf.saved_model.SaveOptions(experimental_custom_gradients=False))
         converter = tf.lite.TFLiteConverter.from_saved_model(path, signature_keys=list(signatures))
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
         converter.experimental_enable_resource_variables = True

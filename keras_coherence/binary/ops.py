@@ -28,7 +28,8 @@ from typing import Sequence
 from keras_coherence._keras import tf
 from keras_coherence.binary.config import LowMemoryConfig
 
-__all__ = ["binary_sign", "po2_round", "round_gradient", "round_latent", "latent_weight",
+__all__ = ["binary_sign", "pack_bits", "unpack_bits", "after", "scratch_budget", "batch_chunks",
+           "po2_round", "round_gradient", "round_latent", "latent_weight",
            "binary_matmul", "binary_conv2d", "l1_normalize", "conv_input_grad",
            "conv_filter_grad", "same_padding", "max_pool2d"]
 
@@ -54,6 +55,88 @@ def _sign_from_bits(bits, dtype=tf.float32):
 
 def _fp16(x):
     return tf.cast(tf.cast(x, tf.float16), x.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# How saved tensors are stored: bit-packed words, computed back in the backward pass
+# --------------------------------------------------------------------------------------
+
+#: Bit ``i`` of a packed word has weight ``2**i``; bit 31 is the sign bit, ``-2**31``.
+_BIT_WEIGHTS = [1 << i for i in range(31)] + [-(1 << 31)]
+
+
+def pack_bits(bits):
+    """Packs a ``bool`` tensor ``[N, ...]`` into int32 words ``[N, ceil(size / 32)]``, 32
+    elements of one example per word (element ``32 * j + i`` of the flattened example is
+    bit ``i`` of word ``j``; the last word is zero-padded).
+
+    Built from ``CAST``, ``MUL`` and ``SUM`` (TFLite builtins): the bit weights are
+    distinct powers of two, so the sum is exact, and bit 31 weighs ``-2**31``.
+
+    >>> unpack_bits(pack_bits(tf.constant([[True, False, True]])), [1, 3]).numpy().tolist()
+    [[True, False, True]]
+    """
+    per_example = 1
+    for d in bits.shape[1:]:
+        per_example *= int(d)
+    words = -(-per_example // 32)
+
+    def pack(rows):  # int32 temporaries, 4 bytes per element: a chunk at a time
+        flat = tf.reshape(tf.cast(rows, tf.int32), [-1, per_example])
+        if words * 32 != per_example:
+            flat = tf.pad(flat, [[0, 0], [0, words * 32 - per_example]])
+        weighted = tf.reshape(flat, [-1, words, 32]) * tf.constant(_BIT_WEIGHTS, tf.int32)
+        return tf.reduce_sum(weighted, axis=-1)
+
+    chunks = batch_chunks(bits.shape[0], 2 * 4 * 32 * words)
+    parts = [pack(bits[chunk]) for chunk in chunks]
+    return parts[0] if len(parts) == 1 else tf.concat(parts, 0)
+
+
+def unpack_bits(words, shape):
+    """The ``bool`` tensor of ``shape`` that :func:`pack_bits` packed into ``words``
+    (``RIGHT_SHIFT`` by 0..31, then ``FLOOR_MOD`` 2: an arithmetic shift keeps the sign,
+    and the floor modulus of a negative word's shift is still its bit).
+
+    The shifts are int32, 4 bytes per element; inside a :class:`scratch_budget` the rows
+    are unpacked a chunk at a time, so that only the 1-byte ``bool`` result is whole.
+    """
+    shape = [int(d) if d is not None else -1 for d in shape]
+    per_example = 1
+    for d in shape[1:]:
+        per_example *= d
+
+    def unpack(rows):
+        # (EXPAND_DIMS: a new axis by slicing is not a builtin when the batch is unknown)
+        shifted = tf.bitwise.right_shift(tf.expand_dims(rows, -1), tf.range(32, dtype=tf.int32))
+        flat = tf.reshape(tf.math.floormod(shifted, 2), [tf.shape(rows)[0], -1])
+        return tf.equal(flat[:, :per_example], 1)
+
+    row_words = words.shape[1]
+    chunks = batch_chunks(words.shape[0], 0 if row_words is None else 2 * 4 * 32 * int(row_words))
+    parts = [unpack(words[chunk]) for chunk in chunks]
+    return tf.reshape(parts[0] if len(parts) == 1 else tf.concat(parts, 0), shape)
+
+
+def _zero_from(t, dtype):
+    """A zero of ``dtype`` computed from ``t``'s first value (``|t[0]| < 0`` is never
+    true, NaN included), so that whatever adds it runs after ``t`` exists."""
+    first = tf.reshape(t, [-1])[:1]
+    return tf.cast(tf.abs(first) < 0, dtype)
+
+
+def after(t, dz):
+    """``t`` itself, made to depend on ``dz``'s values (``t`` plus a zero from ``dz``).
+
+    A backward pass that rebuilds a tensor from what the forward pass kept (unpacked
+    bits, a kernel's signs) must rebuild it *after* the output gradient exists: ops
+    whose inputs are all forward tensors may be scheduled in the forward pass, and the
+    rebuilt float32 tensor then lives in the device graph's arena until its use. Apply
+    it to the small kept tensor (packed words), not to a large one: it costs a copy.
+    """
+    if t.dtype == tf.bool:
+        return tf.logical_or(t, tf.cast(_zero_from(dz, tf.int32), tf.bool))
+    return t + _zero_from(dz, t.dtype)
 
 
 def po2_round(g, exponent_bits: int = 4, bias: int = 8):
@@ -119,26 +202,98 @@ def latent_weight(w, config: LowMemoryConfig):
 
 
 def _saved_input(x, config, first_layer):
-    """Returns ``(forward_input, restore)``: ``restore()`` rebuilds, in the backward
-    pass, ``(input used by the forward product, STE mask or None)`` from what is kept."""
+    """Returns ``(forward_input, restore)``: ``restore(chunk, dz)`` rebuilds, in the
+    backward pass (after ``dz``), ``(input used by the forward product, STE mask or
+    None)`` for the examples of ``chunk`` (a ``slice`` of the batch) from what is kept:
+    the real input for a first layer; the packed sign and mask bits with
+    ``binary_activation_retention`` (2 bits per element); else the float input."""
     if first_layer:
-        return x, lambda: (x, None)
+        return x, lambda chunk, dz: (x[chunk], None)
     if config is not None and config.binary_activation_retention:
-        sign_bits = x >= 0                      # 1 bit per element
-        mask_bits = tf.abs(x) <= 1.0            # 1 bit per element
-        return binary_sign(x), lambda: (_sign_from_bits(sign_bits, x.dtype),
-                                        tf.cast(mask_bits, x.dtype))
-    return binary_sign(x), lambda: (binary_sign(x), tf.cast(tf.abs(x) <= 1.0, x.dtype))
+        sign_words = pack_bits(x >= 0)           # 1 bit per element
+        mask_words = pack_bits(tf.abs(x) <= 1.0)  # 1 bit per element
+        shape = x.shape
+
+        def restore(chunk, dz):
+            n = dz.shape[0]
+            part = [n if n is not None else -1] + list(shape[1:])
+            signs = unpack_bits(after(sign_words[chunk], dz), part)
+            mask = unpack_bits(after(mask_words[chunk], dz), part)
+            return _sign_from_bits(signs, x.dtype), tf.cast(mask, x.dtype)
+
+        return binary_sign(x), restore
+
+    def restore_float(chunk, dz):
+        xc = after(x[chunk], dz)
+        return binary_sign(xc), tf.cast(tf.abs(xc) <= 1.0, x.dtype)
+
+    return binary_sign(x), restore_float
 
 
-def _kernel_grad(dw, w_used, config):
+def _saved_kernel(w):
+    """Keeps ``sign(w)`` and the clip-STE mask ``|w| <= 1`` as packed bits; returns
+    ``(sign(w), restore)`` with ``restore(dz) -> (sign(w), mask)`` rebuilt after ``dz``
+    (so that neither the float32 latent kernel nor its signs live across the step)."""
+    wb = binary_sign(w)
+    flat = tf.reshape(w, [1, -1])
+    sign_words, mask_words = pack_bits(flat >= 0), pack_bits(tf.abs(flat) <= 1.0)
+
+    def restore(dz):
+        signs = unpack_bits(after(sign_words, dz), flat.shape)
+        mask = unpack_bits(after(mask_words, dz), flat.shape)
+        return (tf.reshape(_sign_from_bits(signs, w.dtype), w.shape),
+                tf.reshape(tf.cast(mask, w.dtype), w.shape))
+
+    return wb, restore
+
+
+def _kernel_grad(dw, w_mask, config):
     """Kernel gradient: optionally ``sign(dW)/sqrt(N)``, then the clip-STE mask."""
     if config is not None and config.binarize_weight_grads:
         n = 1
-        for d in w_used.shape:
+        for d in dw.shape:
             n *= int(d)
         dw = binary_sign(dw) * (1.0 / math.sqrt(n))
-    return dw * tf.cast(tf.abs(w_used) <= 1.0, dw.dtype)
+    return dw * w_mask
+
+
+#: Bytes of one kernel's scratch (CONV_2D's im2col buffer) that a convolution may use
+#: while a device training graph is traced; None: no limit (one op for the whole batch).
+_SCRATCH_BUDGET = [None]
+
+
+class scratch_budget:
+    """``with scratch_budget(nbytes):`` convolutions traced inside split their batch so
+    that no single convolution's im2col buffer exceeds ``nbytes`` (the device training
+    export does this: TFLite's ``CONV_2D`` with a non-constant filter allocates an
+    im2col buffer of ``output pixels x batch x kh*kw*C_in`` floats). The arithmetic is
+    the same; the kernel gradient is a sum over the chunks."""
+
+    def __init__(self, nbytes):
+        if nbytes is not None and (isinstance(nbytes, bool) or int(nbytes) < 1):
+            raise ValueError(f"nbytes={nbytes!r} must be a positive number of bytes or None.")
+        self.nbytes = None if nbytes is None else int(nbytes)
+
+    def __enter__(self):
+        self._previous = _SCRATCH_BUDGET[0]
+        _SCRATCH_BUDGET[0] = self.nbytes
+        return self
+
+    def __exit__(self, *exc):
+        _SCRATCH_BUDGET[0] = self._previous
+        return False
+
+
+def batch_chunks(batch, scratch_bytes_per_example):
+    """``slice``s that split a batch of ``batch`` examples (a static size, or None) so that
+    each chunk's scratch stays within the current :class:`scratch_budget`."""
+    budget = _SCRATCH_BUDGET[0]
+    if batch is None or budget is None:
+        return [slice(None)]
+    per_chunk = max(1, int(budget // max(1, scratch_bytes_per_example)))
+    count = -(-int(batch) // per_chunk)
+    size = -(-int(batch) // count)  # equal chunks, the last one smaller
+    return [slice(i, min(i + size, batch)) for i in range(0, batch, size)]
 
 
 # --------------------------------------------------------------------------------------
@@ -157,18 +312,19 @@ def binary_matmul(x, kernel, config: LowMemoryConfig, first_layer: bool = False)
 
     @tf.custom_gradient
     def _op(x, w):
-        wb = binary_sign(w)
+        wb, restore_kernel = _saved_kernel(w)
         x_fwd, restore = _saved_input(x, config, first_layer)
         z = tf.matmul(x_fwd, wb)
 
         def grad(dz):
             dz = round_gradient(dz, config)
-            x_saved, mask = restore()
-            dx = tf.matmul(dz, wb, transpose_b=True)
+            wb_saved, w_mask = restore_kernel(dz)
+            x_saved, mask = restore(slice(None), dz)
+            dx = tf.matmul(dz, wb_saved, transpose_b=True)
             if mask is not None:
                 dx = dx * mask
             dw = tf.matmul(x_saved, dz, transpose_a=True)
-            return dx, _kernel_grad(dw, w, config)
+            return dx, _kernel_grad(dw, w_mask, config)
 
         return z, grad
 
@@ -282,22 +438,40 @@ def binary_conv2d(x, kernel, strides=(1, 1), padding="VALID",
                          "strides > 1 or dilations > 1, not both (as Keras's Conv2D).")
     w_latent = latent_weight(tf.convert_to_tensor(kernel), config)
     x_shape = x.shape
+    kh, kw = int(w_latent.shape[0]), int(w_latent.shape[1])
+    c_in, c_out = int(w_latent.shape[2]), int(w_latent.shape[3])
+    if None in tuple(x_shape[1:3]):  # no static size: one convolution per batch
+        forward_scratch = backward_scratch = 0
+    else:  # im2col bytes per example: forward; input and kernel gradient
+        rows, cols = (-(-int(d) // s) for d, s in zip(x_shape[1:3], strides))
+        forward_scratch = 4 * rows * cols * kh * kw * c_in
+        backward_scratch = 4 * max(int(x_shape[1]) * int(x_shape[2]) * kh * kw * c_out,
+                                   rows * cols * kh * kw * c_in)
+
+    def conv(inputs, filters):
+        return tf.nn.convolution(inputs, filters, strides=list(strides), padding=padding,
+                                 dilations=list(dilations))
 
     @tf.custom_gradient
     def _op(x, w):
-        wb = binary_sign(w)
+        wb, restore_kernel = _saved_kernel(w)
         x_fwd, restore = _saved_input(x, config, first_layer)
-        z = tf.nn.convolution(x_fwd, wb, strides=list(strides), padding=padding,
-                              dilations=list(dilations))
+        parts = [conv(x_fwd[chunk], wb) for chunk in batch_chunks(x.shape[0], forward_scratch)]
+        z = parts[0] if len(parts) == 1 else tf.concat(parts, 0)
 
         def grad(dz):
             dz = round_gradient(dz, config)
-            x_saved, mask = restore()
-            dx = conv_input_grad(dz, wb, x_shape, strides, padding, dilations)
-            if mask is not None:
-                dx = dx * mask
-            dw = conv_filter_grad(x_saved, dz, wb.shape[:2], strides, padding, dilations)
-            return dx, _kernel_grad(dw, w, config)
+            wb_saved, w_mask = restore_kernel(dz)
+            dxs, dw = [], None
+            for chunk in batch_chunks(dz.shape[0], backward_scratch):
+                dz_part = dz[chunk]
+                x_saved, mask = restore(chunk, dz_part)
+                dx = conv_input_grad(dz_part, wb_saved, x_shape, strides, padding, dilations)
+                dxs.append(dx if mask is None else dx * mask)
+                part = conv_filter_grad(x_saved, dz_part, (kh, kw), strides, padding, dilations)
+                dw = part if dw is None else dw + part
+            dx = dxs[0] if len(dxs) == 1 else tf.concat(dxs, 0)
+            return dx, _kernel_grad(dw, w_mask, config)
 
         return z, grad
 
@@ -309,35 +483,44 @@ def binary_conv2d(x, kernel, strides=(1, 1), padding="VALID",
 # --------------------------------------------------------------------------------------
 
 
-def l1_normalize(x, mean, sigma, config: LowMemoryConfig):
-    """Training-mode l1 batch norm without beta: ``x_hat = (x - mean) / sigma``.
+def l1_normalize(x, mean, sigma, config: LowMemoryConfig, beta=None):
+    """Training-mode l1 batch norm: ``x_hat = (x - mean) / sigma`` (``+ beta`` if given).
 
     ``mean`` and ``sigma`` are the batch's per-channel mean and mean absolute deviation
     (treated as constants by autodiff; the backward below accounts for them). The
-    backward keeps only ``sign(x_hat)`` (bits) and ``s = mean|x_hat|`` per channel:
+    backward keeps only ``sign(x_hat)`` (packed bits) and ``s = mean|x_hat|`` per channel:
 
     ``d = round(dy) / sigma;  dx = d - mean(d) - sign(x_hat) * mean(d * sign(x_hat)) * s``
 
-    with means over every axis but the last (batch and spatial).
+    with means over every axis but the last (batch and spatial), and ``dbeta = sum(dy)``.
+    It is written for the device graph's arena: ``beta``'s gradient is taken first, so
+    that ``dy`` can be freed, and the signs are selects, never a float32 tensor.
     """
     axes = list(range(len(x.shape) - 1))
+    with_beta = beta is not None
+    if not with_beta:
+        beta = tf.zeros([int(x.shape[-1])], x.dtype)  # its gradient is not used
 
     @tf.custom_gradient
-    def _op(x, mean, sigma):
+    def _op(x, mean, sigma, beta):
         x_hat = (x - mean) / sigma
-        sign_bits = x_hat >= 0
+        sign_words = pack_bits(x_hat >= 0)      # 1 bit per element
         s = tf.reduce_mean(tf.abs(x_hat), axis=axes, keepdims=True)
 
         def grad(dy):
-            d = round_gradient(dy, config) / sigma
-            sgn = _sign_from_bits(sign_bits, d.dtype)
-            dx = (d - tf.reduce_mean(d, axis=axes, keepdims=True)
-                  - sgn * tf.reduce_mean(d * sgn, axis=axes, keepdims=True) * s)
-            return dx, tf.zeros_like(mean), tf.zeros_like(sigma)
+            dbeta = tf.reduce_sum(dy, axis=axes)
+            d = round_gradient(dy, config) / after(sigma, dbeta)
+            positive = unpack_bits(after(sign_words, d), x_hat.shape)
+            mean_d = tf.reduce_mean(d, axis=axes, keepdims=True)
+            # mean(d * sign) = 2 mean(d where positive) - mean(d)
+            c = (2.0 * tf.reduce_mean(tf.where(positive, d, 0.0), axis=axes, keepdims=True)
+                 - mean_d) * s
+            dx = d - tf.where(positive, mean_d + c, mean_d - c)
+            return dx, tf.zeros_like(mean), tf.zeros_like(sigma), dbeta
 
-        return x_hat, grad
+        return (x_hat + beta if with_beta else x_hat), grad
 
-    return _op(x, mean, sigma)
+    return _op(x, mean, sigma, beta)
 
 
 # --------------------------------------------------------------------------------------
