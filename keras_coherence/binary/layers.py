@@ -246,23 +246,21 @@ class L1BatchNormalization(keras.layers.Layer):
             training = keras.backend.learning_phase()
         beta = ops.latent_weight(tf.convert_to_tensor(self.beta), self.config)
         if isinstance(training, (bool, int)) and not isinstance(training, tf.Tensor):
-            out = self._train(inputs) if training else self._infer(inputs)
-        else:
-            out = tf.cond(tf.cast(training, tf.bool), lambda: self._train(inputs),
-                          lambda: self._infer(inputs))
-        return out + beta
+            return self._train(inputs, beta) if training else self._infer(inputs, beta)
+        return tf.cond(tf.cast(training, tf.bool), lambda: self._train(inputs, beta),
+                       lambda: self._infer(inputs, beta))
 
-    def _train(self, x):
+    def _train(self, x, beta):
         mean, sigma = self._batch_stats(x)
         m = self.momentum
         self.moving_mean.assign(m * self.moving_mean + (1.0 - m) * mean)
         self.moving_sigma.assign(m * self.moving_sigma + (1.0 - m) * sigma)
-        return ops.l1_normalize(x, mean, sigma, self.config)
+        return ops.l1_normalize(x, mean, sigma, self.config, beta=beta)
 
-    def _infer(self, x):
+    def _infer(self, x, beta):
         mean = ops.round_latent(tf.convert_to_tensor(self.moving_mean), self.config)
         sigma = ops.round_latent(tf.convert_to_tensor(self.moving_sigma), self.config)
-        return (x - mean) / sigma
+        return (x - mean) / sigma + beta
 
     def compute_output_shape(self, input_shape):
         return tf.TensorShape(input_shape)
