@@ -59,6 +59,21 @@ def test_conv2d_equals_autodiff(shape, kernel, strides, padding, dilations):
     _check(ours, ref, atol=1e-4)
 
 
+def test_conv2d_split_over_the_batch_equals_autodiff():
+    """Under a scratch budget (as the device export traces it) the batch is split: the
+    same numbers."""
+    from keras_coherence.binary import ops
+
+    rng = np.random.default_rng(8)
+    x, w = rng.normal(size=(5, 9, 9, 3)), rng.normal(size=(7, 7, 3, 4))
+    ref = _grads(lambda a, b: tf.nn.convolution(a, b, 2, "SAME"), x, w)
+    with ops.scratch_budget(4 * 5 * 5 * 49 * 3 * 2):   # two examples per forward chunk
+        ours = _grads(lambda a, b: real_ops.conv2d(a, b, 2, "SAME"), x, w)
+        chunks = ops.batch_chunks(5, 4 * 5 * 5 * 49 * 3)
+    assert len(chunks) == 3
+    _check(ours, ref, atol=1e-4)
+
+
 def test_device_conv2d_layer_equals_keras_conv2d():
     x = np.random.default_rng(1).normal(size=(2, 9, 9, 3)).astype(np.float32)
     ref_layer = keras.layers.Conv2D(4, 3, strides=2, padding="same", use_bias=True)

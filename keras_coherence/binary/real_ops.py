@@ -83,7 +83,10 @@ def conv2d(x, kernel, strides=(1, 1), padding="VALID", dilations=(1, 1)):
     ``dW = conv_filter_grad(x, dz, ...)`` of :mod:`keras_coherence.binary.ops` (a
     ``TRANSPOSE_CONV`` or ``CONV_2D``, and a ``CONV_2D`` over the batch axis: a TFLite
     training model needs a fixed batch size). It keeps the float input, as autodiff's
-    ``Conv2DBackpropFilter`` does. ``dilations > 1`` needs ``strides == 1``.
+    ``Conv2DBackpropFilter`` does. ``dilations > 1`` needs ``strides == 1``. Traced
+    inside :class:`keras_coherence.binary.ops.scratch_budget` with a static batch, the
+    convolutions split the batch as the binary ones do (same arithmetic; the kernel
+    gradient sums over the chunks).
 
     >>> x, w = tf.ones((1, 4, 4, 1)), tf.ones((3, 3, 1, 2))
     >>> with tf.GradientTape() as tape:
@@ -101,20 +104,41 @@ def conv2d(x, kernel, strides=(1, 1), padding="VALID", dilations=(1, 1)):
     x = _static_nhwc(x, "conv2d")
     kernel = tf.convert_to_tensor(kernel)
     x_shape = x.shape
+    kh, kw, c_in, c_out = (int(d) for d in kernel.shape)
+    rows, cols = (-(-int(d) // s) for d, s in zip(x_shape[1:3], strides))
+    # im2col bytes per example (forward; input and kernel gradient), for the batch split
+    # of ops.scratch_budget (a device training export sets one)
+    forward_scratch = 4 * rows * cols * kh * kw * c_in
+    backward_scratch = 4 * max(int(x_shape[1]) * int(x_shape[2]) * kh * kw * c_out,
+                               rows * cols * kh * kw * c_in)
+
+    def conv(inputs, filters):
+        return tf.nn.convolution(inputs, filters, strides=list(strides), padding=padding,
+                                 dilations=list(dilations))
 
     @tf.custom_gradient
     def _op(x, w):
-        z = tf.nn.convolution(x, w, strides=list(strides), padding=padding,
-                              dilations=list(dilations))
+        parts = [conv(_take(x, c), w) for c in ops.batch_chunks(x.shape[0], forward_scratch)]
+        z = parts[0] if len(parts) == 1 else tf.concat(parts, 0)
 
         def grad(dz):
-            dx = ops.conv_input_grad(dz, w, x_shape, strides, padding, dilations)
-            dw = ops.conv_filter_grad(x, dz, w.shape[:2], strides, padding, dilations)
-            return dx, dw
+            dxs, dw = [], None
+            for chunk in ops.batch_chunks(dz.shape[0], backward_scratch):
+                dz_part = _take(dz, chunk)
+                dxs.append(ops.conv_input_grad(dz_part, w, x_shape, strides, padding, dilations))
+                part = ops.conv_filter_grad(_take(x, chunk), dz_part, (kh, kw), strides, padding,
+                                            dilations)
+                dw = part if dw is None else dw + part
+            return (dxs[0] if len(dxs) == 1 else tf.concat(dxs, 0)), dw
 
         return z, grad
 
     return _op(x, kernel)
+
+
+def _take(t, chunk):
+    """``t[chunk]`` along the batch, ``t`` itself for the whole batch (no extra op)."""
+    return t if chunk == slice(None) else t[chunk]
 
 
 # --------------------------------------------------------------------------------------
