@@ -6,6 +6,7 @@
   overlapping windows.
 * The standard_device models compute the standard (larq + Keras) models' loss and
   gradients from the same weights.
+* A standard_device CNV exports with LCE (bconvs, binary max pool) and agrees with Keras.
 * MLP / CNV / BinaryNet with "standard_device" and ResNetE-18 (low_memory and
   standard_device) convert to builtin-only TFLite training models; one LiteRT train step
   of a standard_device CNV and of ResNetE-18 reports Keras ``train_on_batch``'s loss.
@@ -274,3 +275,21 @@ def test_litert_train_step_equals_keras(build):
     ref = [float(model.train_on_batch(x[i], y[i])) for i in range(2)]
     assert lite[0] == pytest.approx(ref[0], abs=1e-5)
     assert lite[1] == pytest.approx(ref[1], abs=1e-3)   # after one Adam update on each side
+
+
+def test_standard_device_cnv_exports_with_lce():
+    """The device layers are Keras layers to the LCE export: bconvs, fused BN and the binary
+    max pool as for the standard model; LCE's interpreter agrees with Keras."""
+    keras.utils.set_random_seed(2)
+    model = bm.cnv(method="standard_device", filters=(4,) * 6, fc=(8, 8))
+    rng = np.random.default_rng(10)
+    for layer in model.layers:   # statistics away from sign ties
+        if isinstance(layer, bl.DeviceBatchNormalization):
+            c = layer.gamma.shape[0]
+            layer.set_weights([rng.uniform(0.5, 2, c), rng.normal(0, 0.3, c), rng.normal(0, 1, c),
+                               rng.uniform(0.5, 2, c)])
+    x = rng.normal(size=(3, 32, 32, 3)).astype(np.float32)
+    flatbuffer = export_lce.to_lce(model)
+    assert {"LceBconv2d", "LceBMaxPool2d"} <= set(export_lce.tflite_ops(flatbuffer))
+    np.testing.assert_allclose(export_lce.lce_predict(flatbuffer, x), model.predict(x, verbose=0),
+                               atol=1e-4)
