@@ -267,3 +267,109 @@ def test_models_mixing_methods_are_refused():
     h = bl.BinaryDense(3, method="low_memory_po2", name="b")(h)
     with pytest.raises(ValueError, match="several methods"):
         memory_profile(keras.Model(inp, h), 5)
+# ------------------------------------------------------------------ device layout vs an export
+import collections
+import os
+import sys
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEVICE_BATCH = 6
+
+
+def _small_device_model(method):
+    """Every row kind of the binary models: a first and a later binary conv, a pool, both
+    batch norms, a real 1x1 conv and ReLU, binary dense layers (8x8x2 inputs, 5 classes)."""
+    b = bm._Blocks(method)
+    inp = keras.Input((8, 8, 2), name="input")
+    h = b.conv(inp, 4, 3, "conv_1", first_layer=True)
+    h = b.batch_norm(h, "bn_conv_1")
+    h = b.conv(h, 6, 3, "conv_2")
+    h = b.max_pool(h, "pool_2")
+    h = b.batch_norm(h, "bn_conv_2")
+    h = b.real_conv(h, 5, 1, "real_conv")
+    h = b.relu(h, "relu")
+    h = keras.layers.Flatten(name="flatten")(h)
+    h = b.dense(h, 40, "fc_3")
+    h = b.batch_norm(h, "bn_fc_3")
+    h = b.dense(h, 5, "logits")
+    h = b.batch_norm(h, "logits_bn")
+    return keras.Model(inp, h, name="small")
+
+
+def _boundary_tensors(flatbuffer):
+    """The train signature's tensors alive across the turn to the backward pass: written
+    at or before the op that writes the loss, read after it (constants, resource handles
+    and variable reads excluded), from the flatbuffer's op order."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import bnn_device_memory as bdm
+    from ai_edge_litert import schema_py_generated as schema
+
+    tensors, _ = bdm.tensor_breakdown(flatbuffer)
+    model = schema.Model.GetRootAsModel(flatbuffer, 0)
+    sig = next(model.SignatureDefs(i) for i in range(model.SignatureDefsLength())
+               if model.SignatureDefs(i).SignatureKey().decode() == "train")
+    graph = model.Subgraphs(sig.SubgraphIndex())
+    loss = next(sig.Outputs(i).TensorIndex() for i in range(sig.OutputsLength())
+                if sig.Outputs(i).Name().decode() == "loss")
+    written, last_read = {}, {}
+    for j in range(graph.OperatorsLength()):
+        op = graph.Operators(j)
+        for k in (op.InputsAsNumpy() if op.InputsLength() else []):
+            last_read[int(k)] = j
+        for k in (op.OutputsAsNumpy() if op.OutputsLength() else []):
+            written[int(k)] = j
+    turn = written[loss]
+    return [t for t in tensors
+            if t["kind"] not in ("constant", "resource_handle", "variable_read")
+            and t["index"] != loss and written.get(t["index"], -1) <= turn < last_read.get(t["index"], -1)]
+
+
+@pytest.fixture(scope="module", params=["low_memory", "standard_device"])
+def exported(request):
+    from keras_coherence.binary import export_training
+
+    keras.utils.set_random_seed(0)
+    model = _small_device_model(request.param)
+    flatbuffer = export_training.to_tflite(
+        export_training.TrainingModule(model, batch_size=DEVICE_BATCH))
+    return model, flatbuffer
+
+
+_BYTES = {"float32": 4, "int32": 4, "uint8": 1, "bool": 1}
+
+
+def _kept_bytes(kept):
+    return collections.Counter((dtype, int(np.prod(shape, dtype=np.int64)) * _BYTES[dtype])
+                               for _, dtype, shape in kept)
+
+
+def test_device_layout_saved_tensors_are_the_exported_graphs(exported):
+    model, flatbuffer = exported
+    profile = memory_profile(model, DEVICE_BATCH, layout="device")
+    boundary = _boundary_tensors(flatbuffer)
+    found = collections.Counter((t["dtype"], t["bytes"]) for t in boundary)
+    rows = {r.layer: r for r in profile.rows}
+    predicted = sum((_kept_bytes(r.kept) for r in profile.rows), collections.Counter())
+    assert found == predicted
+    assert profile.totals()["saved_activations"] == 8 * sum(t["bytes"] for t in boundary)
+    # tensors named after a layer are among that row's kept tensors
+    for name, row in rows.items():
+        own = collections.Counter((t["dtype"], t["bytes"]) for t in boundary
+                                  if f"/{name}/" in t["name"])
+        assert not own - _kept_bytes(row.kept), (name, own, row.kept)
+        assert row.saved_activations == 8 * sum(n * c for (_, n), c in _kept_bytes(row.kept).items())
+
+
+def test_device_layout_state_is_get_weights_and_file_constants(exported):
+    from edge.runner import open_interpreter
+
+    model, flatbuffer = exported
+    profile = memory_profile(model, DEVICE_BATCH, layout="device")
+    import tempfile
+    with tempfile.NamedTemporaryFile(suffix=".tflite") as f:
+        f.write(flatbuffer)
+        f.flush()
+        state = open_interpreter(f.name).get_signature_runner("get_weights")()
+    assert profile.state_bits() == 8 * sum(np.asarray(v).nbytes for v in state.values())
