@@ -1,5 +1,8 @@
 """memory_profile against hand-computed bits: the paper's MLP, CNV and BinaryNet layer by
-layer, ResNetE-18's Add and pooling rows; methods that contradict a model's layers."""
+layer, ResNetE-18's Add and pooling rows; methods that contradict a model's layers. The
+device layout against hand-computed rows and against real exported training graphs: the
+tensors alive across the turn from the forward to the backward pass (read from the
+flatbuffer's op order) and the ``get_weights`` state."""
 import pytest
 
 import keras_coherence  # noqa: F401  (Keras 2 policy first)
@@ -267,12 +270,79 @@ def test_models_mixing_methods_are_refused():
     h = bl.BinaryDense(3, method="low_memory_po2", name="b")(h)
     with pytest.raises(ValueError, match="several methods"):
         memory_profile(keras.Model(inp, h), 5)
-# ------------------------------------------------------------------ device layout vs an export
-import collections
-import os
-import sys
+# ------------------------------------------------------------------ device layout
 
-import numpy as np
+
+def test_device_layout_mlp_rows_hand_computed():
+    """Low-memory MLP, batch 7: float32 state and Adam, per-example packed words (the
+    first layer computes no input gradient: no kernel sign words, its float input)."""
+    b, words = B, lambda n: -(-n // 32)
+    profile = memory_profile("mlp", b, "low_memory", layout="device")
+    rows = _rows(profile)
+    assert profile.layout == "device" and "working_set" in str(profile)
+    fc1, fc2, bn1 = rows["fc_1"], rows["fc_2"], rows["bn_fc_1"]
+    w1 = 784 * 256
+    assert fc1.latent_weights == 32 * w1 and fc1.optimizer_slots == 64 * w1
+    assert fc1.weight_gradients == fc1.gradient_buffers == fc1.statistics == 0
+    assert fc1.saved_activations == 32 * (words(w1) + b * 784)
+    assert fc1.file_constants == 32 * w1
+    # Adam's five kernel-sized buffers beat 3 activation buffers + a kernel-sized matmul buffer
+    assert fc1.working_set == max(3 * b * 784 * 32 + 32 * w1, 5 * 32 * w1) == 5 * 32 * w1
+    assert fc2.saved_activations == 32 * (2 * words(65536) + 2 * b * words(256))
+    assert bn1.latent_weights == 32 * 256 and bn1.statistics == 2 * 32 * 256
+    assert bn1.saved_activations == 32 * (b * words(256) + 2 * 256)
+    assert rows["loss"].saved_activations == 32 * (2 * b * 10 + 1)
+    shapes = [(784, 256), (256,), (256, 256), (256, 10), (10,)]
+    sizes = [784 * 256, 256, 65536, 2560, 10]
+    assert len(shapes) == len(sizes)
+    assert rows["optimizer"].file_constants == 32 * (1 + sum(sizes))
+    assert rows["optimizer"].optimizer_slots == 32
+    assert rows["runtime"].runtime == 8 * 2 ** 19
+    trainable = sum(i * o for i, o in SIZES) + sum(o for _, o in SIZES)   # kernels, betas
+    assert profile.state_bits() == 32 * (3 * trainable + 1 + 2 * sum(o for _, o in SIZES))
+    totals = profile.totals()
+    assert totals["working_set"] == 5 * 32 * w1
+    assert totals["peak"] == sum(r.persistent for r in profile.rows) + 5 * 32 * w1
+
+
+def test_device_layout_conv_scratch_follows_the_batch_split():
+    """CNV conv_2 (30x30x64 -> 28x28x64, 3x3): im2col bytes per example
+    max(28*28*9*64, 30*30*9*64) * 4 = 2,073,600; a 16 MiB budget fits 8 examples."""
+    per_example = 30 * 30 * 9 * 64 * 4
+    act = 3 * 30 * 30 * 64 * 32   # three float32 buffers of the larger side, per example
+    for batch, chunk in ((8, 8), (100, 8), (3, 3)):
+        rows = _rows(memory_profile("cnv", batch, "low_memory", layout="device"))
+        # 100 examples: 13 chunks of ceil(100 / 13) = 8
+        assert rows["conv_2"].working_set == batch * act + 8 * chunk * per_example
+    rows = _rows(memory_profile("cnv", 100, "low_memory", layout="device", scratch_bytes=None))
+    assert rows["conv_2"].working_set == 100 * act + 8 * 100 * per_example
+
+
+def test_device_layout_errors_and_paper_default():
+    with pytest.raises(ValueError, match="standard_device"):
+        memory_profile("mlp", 10, "standard", layout="device")
+    with pytest.raises(ValueError, match="Adam"):
+        memory_profile("mlp", 10, "low_memory", optimizer="bop", layout="device")
+    with pytest.raises(ValueError, match="layout="):
+        memory_profile("mlp", 10, layout="edge")
+    with pytest.raises(ValueError, match="scratch_bytes"):
+        memory_profile("mlp", 10, "low_memory", layout="device", scratch_bytes=0)
+    assert memory_profile("mlp", 10).layout == "paper"
+    device = memory_ratio("mlp", 1000, layout="device")
+    assert device == (memory_profile("mlp", 1000, "standard_device", layout="device").peak_bits
+                      / memory_profile("mlp", 1000, "low_memory", layout="device").peak_bits)
+    from keras_coherence.binary import export_training
+    from keras_coherence.binary.memory import DEFAULT_SCRATCH_BYTES
+    assert DEFAULT_SCRATCH_BYTES == export_training.DEFAULT_SCRATCH_BYTES
+
+
+# ------------------------------------------------------------------ device layout vs an export
+import collections  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+
+import numpy as np  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICE_BATCH = 6
@@ -367,9 +437,17 @@ def test_device_layout_state_is_get_weights_and_file_constants(exported):
 
     model, flatbuffer = exported
     profile = memory_profile(model, DEVICE_BATCH, layout="device")
-    import tempfile
     with tempfile.NamedTemporaryFile(suffix=".tflite") as f:
         f.write(flatbuffer)
         f.flush()
         state = open_interpreter(f.name).get_signature_runner("get_weights")()
     assert profile.state_bits() == 8 * sum(np.asarray(v).nbytes for v in state.values())
+    # the file's constants: the init subgraph's initial values (one zeros per trainable
+    # shape for Adam) plus the train graph's own small constants (bit weights, indices)
+    from ai_edge_litert import schema_py_generated as schema
+
+    buffers = schema.Model.GetRootAsModel(flatbuffer, 0)
+    constant_bytes = sum(buffers.Buffers(i).DataLength() or buffers.Buffers(i).Size()
+                         for i in range(buffers.BuffersLength()))
+    modelled = profile.totals()["file_constants"] / 8
+    assert abs(constant_bytes - modelled) <= 0.02 * modelled + 8192, (constant_bytes, modelled)

@@ -479,8 +479,8 @@ def _conv_scratch_bytes(layer, batch, budget):
     h, w, c_in = (int(d) for d in layer.input.shape[1:4])
     kh, kw, _, c_out = (int(d) for d in layer.kernel.shape)
     rows, cols = (-(-d // s) for d, s in zip((h, w), layer.strides))
-    forward = 4 * rows * cols * kh * kw * c_in
-    backward = 4 * max(h * w * kh * kw * c_out, forward)
+    forward = 4 * rows * cols * kh * kw * c_in   # bytes per example
+    backward = max(4 * h * w * kh * kw * c_out, forward)
     return max(_chunk(batch, forward, budget) * forward, _chunk(batch, backward, budget) * backward)
 
 
