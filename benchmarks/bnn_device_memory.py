@@ -37,7 +37,7 @@ an ideal arena planner needs; the tensors alive at that moment are listed too.
 
     nice -n 19 .venv/bin/python benchmarks/bnn_device_memory.py \\
         [--runs mlp:100,mlp:1000,cnv:8,cnv:100,binarynet:8,binarynet:100] \\
-        [--methods standard,low_memory] [--steps 3] [--top 12] [--out device_memory.json]
+        [--methods standard_device,low_memory] [--steps 3] [--top 12] [--out device_memory.json]
 """
 from __future__ import annotations
 
@@ -188,6 +188,7 @@ def child_measure(model_path, batch_size, steps):
     y = rng.integers(0, int(infer_out[-1]), size=batch_size).astype(spec["y"]["dtype"])
     out = {"data_bytes": int(x.nbytes + y.nbytes), "state_bytes": state_bytes}
     out["baseline_rss_kib"] = _status_kib("VmRSS")
+    file_pages_before = _status_kib("RssFile")
     _reset_peak()
     interpreter = open_interpreter(model_path)  # as python -m edge runs it
     interpreter.allocate_tensors()
@@ -200,6 +201,9 @@ def child_measure(model_path, batch_size, steps):
         losses.append(float(train(x=x, y=y)["loss"]))
         times.append(time.perf_counter() - t0)
     out["train_rss_kib"], out["train_hwm_kib"] = _status_kib("VmRSS"), _status_kib("VmHWM")
+    # clean pages of the mmapped model file (the init subgraph's initial values) count in
+    # RSS but are not heap: the kernel can drop them
+    out["file_pages_mib"] = (_status_kib("RssFile") - file_pages_before) / 1024.0
     base = out["baseline_rss_kib"]
     out["interpreter_peak_mib"] = (max(out["load_hwm_kib"], out["train_hwm_kib"]) - base) / 1024.0
     out["load_peak_mib"] = (out["load_hwm_kib"] - base) / 1024.0
@@ -273,6 +277,28 @@ def export(model_name, method, batch_size, path):
     return None
 
 
+def keras_step_ms(model_name, method, batch_size, steps):
+    """Median ``train_on_batch`` time (ms) of the same model in Keras (Adam, from logits)
+    on one random batch, steps after the first; the reference for the LiteRT step time."""
+    import numpy as np
+
+    from keras_coherence._keras import keras
+    from keras_coherence.binary.models import build_model
+
+    keras.utils.set_random_seed(0)
+    model = build_model(model_name, method)
+    model.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, size=(batch_size,) + tuple(model.input_shape[1:])).astype(np.float32)
+    y = rng.integers(0, int(model.output_shape[-1]), size=batch_size).astype(np.int32)
+    times = []
+    for _ in range(steps + 1):
+        t0 = time.perf_counter()
+        model.train_on_batch(x, y)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times[1:])) * 1e3
+
+
 def modelled(model_name, method, batch_size):
     from keras_coherence.binary.memory import memory_profile
 
@@ -282,8 +308,9 @@ def modelled(model_name, method, batch_size):
 
 
 def _table(results):
-    head = ("model", "method", "batch", "file MB", "interp. peak MiB", "load MiB", "train+ MiB", "step ms",
-            "arena live peak MiB", "largest scratch MiB", "state MiB", "modelled MiB", "modelled/measured")
+    head = ("model", "method", "batch", "file MB", "interp. peak MiB", "load MiB", "train+ MiB", "file pages MiB",
+            "step ms", "Keras step ms", "arena live peak MiB", "largest scratch MiB", "state MiB", "modelled MiB",
+            "modelled/measured")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         if r.get("does_not_lower"):
@@ -292,7 +319,8 @@ def _table(results):
         m = r["measured"]
         lines.append("| " + " | ".join(str(v) for v in (
             r["model"], r["method"], r["batch"], f"{r['file_bytes'] / 1e6:.1f}", f"{m['interpreter_peak_mib']:.1f}",
-            f"{m['load_peak_mib']:.1f}", f"{m['train_peak_over_load_mib']:.1f}", f"{m['step_ms']:.1f}",
+            f"{m['load_peak_mib']:.1f}", f"{m['train_peak_over_load_mib']:.1f}", f"{m['file_pages_mib']:.1f}",
+            f"{m['step_ms']:.1f}", f"{r['keras_step_ms']:.1f}" if "keras_step_ms" in r else "",
             f"{r['summary']['live_peak_mib']:.1f}", f"{r['summary']['kernel_scratch_max_mib']:.1f}",
             f"{r['summary']['totals_mib']['state']:.1f}",
             f"{r['modelled']['peak_mib']:.2f}", f"{r['modelled']['peak_mib'] / m['interpreter_peak_mib']:.3f}"))
@@ -300,14 +328,30 @@ def _table(results):
     return "\n".join(lines)
 
 
+def _ratios(results, baseline="standard_device"):
+    """Lines ``model batch: baseline / method`` of the interpreter peaks (and modelled)."""
+    peaks = {(r["model"], r["batch"], r["method"]): r for r in results if r.get("measured")}
+    lines = []
+    for (model, batch, method), r in peaks.items():
+        base = peaks.get((model, batch, baseline))
+        if base is None or method == baseline:
+            continue
+        measured = base["measured"]["interpreter_peak_mib"] / r["measured"]["interpreter_peak_mib"]
+        modelled = base["modelled"]["peak_mib"] / r["modelled"]["peak_mib"]
+        lines.append(f"{model} batch {batch}: {baseline} / {method} = {measured:.2f}x measured "
+                     f"(modelled {modelled:.2f}x)")
+    return "\n".join(lines)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", default=DEFAULT_RUNS, help="comma-separated model:batch pairs")
-    p.add_argument("--methods", default="standard,low_memory")
+    p.add_argument("--methods", default="standard_device,low_memory")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--top", type=int, default=12, help="largest tensors listed per run")
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--keep-files", help="keep the .tflite files in this directory")
+    p.add_argument("--no-keras", action="store_true", help="skip the Keras step-time reference")
     p.add_argument("--reuse", action="store_true",
                    help="measure the files already in --keep-files instead of exporting them again")
     p.add_argument("--child", nargs=3, metavar=("MODEL_PATH", "BATCH", "STEPS"), help=argparse.SUPPRESS)
@@ -361,6 +405,8 @@ def main(argv=None):
                     measured.pop("interpreter_tensor_bytes")
                     row["measured"] = {k: v for k, v in measured.items() if k not in ("tensors", "arena")}
                     row["arena"] = {k: v for k, v in measured["arena"].items() if k != "live_at_peak"}
+                    if not args.no_keras:
+                        row["keras_step_ms"] = keras_step_ms(name, method, batch, args.steps)
                 print(json.dumps({k: row[k] for k in ("model", "method", "batch", "does_not_lower")}
                                  | ({"interpreter_peak_mib": row["measured"]["interpreter_peak_mib"],
                                      "step_ms": row["measured"]["step_ms"],
@@ -368,6 +414,7 @@ def main(argv=None):
                       flush=True)
                 results.append(row)
     print(_table(results))
+    print(_ratios(results))
     for r in results:
         if r.get("summary"):
             s = r["summary"]

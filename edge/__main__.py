@@ -24,6 +24,8 @@ def _parser():
     t.add_argument("--seed", type=int, default=0, help="shuffling seed (the order depends on seed and epoch)")
     t.add_argument("--loss-log", help="append one 'epoch,step,loss' line per step to this file")
     t.add_argument("--threads", type=int, default=None, help="interpreter threads")
+    t.add_argument("--xnnpack", action="store_true",
+                   help="use LiteRT's XNNPACK delegate: faster dense layers, more memory (edge/README.md)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     i = sub.add_parser("infer", help="run an exported model's infer signature")
@@ -43,7 +45,7 @@ def main(argv=None):
             summary = runner.train(args.model, args.data, args.epochs, args.batch_size,
                                    checkpoint_dir=args.checkpoint_dir, resume=args.resume, seed=args.seed,
                                    loss_log=args.loss_log, num_threads=args.threads,
-                                   progress=not args.no_progress, keep=args.keep)
+                                   progress=not args.no_progress, keep=args.keep, xnnpack=args.xnnpack)
         else:
             summary, logits = runner.infer(args.model, args.data, args.batch_size, weights=args.weights,
                                            num_threads=args.threads)

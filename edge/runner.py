@@ -452,7 +452,7 @@ def resume_latest(model, checkpoint_dir, stream=None):
 
 
 def train(model_path, data_path, epochs, batch_size, checkpoint_dir=None, resume=False, seed=0,
-          loss_log=None, num_threads=None, progress=True, keep=3):
+          loss_log=None, num_threads=None, progress=True, keep=3, xnnpack=False):
     """Trains for ``epochs`` epochs in total (a resumed run continues after its checkpoint).
 
     Checkpoints go to ``checkpoint_dir`` after every epoch (atomically; the newest
@@ -464,6 +464,7 @@ def train(model_path, data_path, epochs, batch_size, checkpoint_dir=None, resume
     model and data (``setup_peak_rss_mib``) and at the end (``peak_rss_mib``), and
     ``interpreter_peak_mib`` (:class:`InterpreterMemory`: the peak RSS growth from model load
     through training beyond the runtime and the data; None where it cannot be measured).
+    ``xnnpack``: LiteRT's XNNPACK delegate, off by default (:func:`open_interpreter`).
 
     Raises:
         ValueError: bad arguments, model, data or checkpoints (the message says which and
@@ -477,7 +478,7 @@ def train(model_path, data_path, epochs, batch_size, checkpoint_dir=None, resume
     if resume and checkpoint_dir is None:
         raise ValueError("--resume needs --checkpoint-dir")
     memory = InterpreterMemory()
-    model = TrainingModel(model_path, num_threads)
+    model = TrainingModel(model_path, num_threads, xnnpack)
     x, y = load_data(data_path)
     memory.data_bytes = x.nbytes + y.nbytes
     model.check_data(x, y, data_path)

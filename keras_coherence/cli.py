@@ -798,7 +798,7 @@ def quantize_command(args):
 # --------------------------------------------------------------------------------------
 
 BNN_MODELS = ("mlp", "cnv", "binarynet", "resnet_e18")
-BNN_METHODS = ("standard", "low_memory", "low_memory_po2")
+BNN_METHODS = ("standard", "standard_device", "low_memory", "low_memory_po2")
 BNN_OPTIMIZERS = ("adam", "bop")
 
 #: The ``bnn`` options (--seed and --quiet of ``TRAINING_ARGS``; the rest are its own).

@@ -65,7 +65,8 @@ def test_config_validation_and_methods():
     cfg = C.LowMemoryConfig(activation_grad="po2")
     assert C.resolve_method(cfg.get_config()) == cfg
     assert C.method_name("low_memory_po2") == "low_memory_po2"
-    assert C.method_name(OFF) == "low_memory(custom)"
+    assert C.method_name(OFF) == "standard_device"  # every technique off: the preset
+    assert C.method_name(C.LowMemoryConfig(activation_grad="float32")) == "low_memory(custom)"
     assert cfg.po2_exponent_range == (-8, 7)
     with pytest.raises(ValueError, match="Unknown binary model"):
         bm.build_model("alexnet")

@@ -315,8 +315,10 @@ def test_resume_removes_temporary_files_of_a_killed_write(env, tmp_path):
 # ------------------------------------------------------------------ divergence
 def test_non_finite_loss_stops_without_a_checkpoint(env, tmp_path):
     """A state whose logits overflow (β of ±1e30, finite) gives a NaN loss on the first
-    step: the run fails, the loss is logged, and no checkpoint of the diverged state is written."""
-    from ai_edge_litert.interpreter import Interpreter
+    step: the run fails, the loss is logged, and no checkpoint of the diverged state is written.
+    (With XNNPACK, ``--xnnpack``: LiteRT's builtin kernels, the default, round β through
+    float16 to a finite value and keep this loss finite.)"""
+    from edge.runner import open_interpreter
 
     ckpt = tmp_path / "ckpt"
     _train(env, ckpt, 1)
@@ -325,14 +327,14 @@ def test_non_finite_loss_stops_without_a_checkpoint(env, tmp_path):
     np.savez(ckpt / "epoch_0001.npz", **state)
     before = (ckpt / "epoch_0001.npz").read_bytes()
     # LiteRT itself, given this state and the first batch of epoch 2, returns a non-finite loss
-    interp = Interpreter(model_path=str(env["wide"]))
+    interp = open_interpreter(str(env["wide"]), xnnpack=True)
     interp.get_signature_runner("set_weights")(**{k: v for k, v in state.items() if k != "__epoch__"})
     idx = np.random.default_rng([0, 2]).permutation(N_TRAIN)[:BATCH]
     assert not np.isfinite(interp.get_signature_runner("train")(x=env["x"][idx], y=env["y"][idx])["loss"])
 
     log = tmp_path / "losses.csv"
     _fails(env, "train", env["wide"], "--data", env["data"], "--epochs", 3, "--batch-size", BATCH,
-           "--checkpoint-dir", ckpt, "--resume", "--no-progress", "--loss-log", log,
+           "--checkpoint-dir", ckpt, "--resume", "--no-progress", "--loss-log", log, "--xnnpack",
            fragments=["training diverged: the loss is nan at epoch 2 step 1",
                       f"the newest checkpoint is still {ckpt / 'epoch_0001.npz'}"])
     assert sorted(os.listdir(ckpt)) == ["epoch_0001.npz"] and (ckpt / "epoch_0001.npz").read_bytes() == before
@@ -340,18 +342,19 @@ def test_non_finite_loss_stops_without_a_checkpoint(env, tmp_path):
 
 
 def test_non_finite_state_with_finite_losses_fails(env, tmp_path):
-    """Inputs of 1e30 (finite) overflow the batch-norm moving statistics while every loss
-    stays finite: the run still fails and writes no checkpoint."""
+    """Inputs of 1e30 (finite) overflow the batch-norm moving statistics (float16-rounded
+    batch statistics: inf with XNNPACK, ``--xnnpack``) while every loss stays finite: the
+    run still fails and writes no checkpoint."""
     np.savez(tmp_path / "huge.npz", x=env["x"] * np.float32(1e30), y=env["y"])
     log = tmp_path / "losses.csv"
     _fails(env, "train", env["wide"], "--data", tmp_path / "huge.npz", "--batch-size", BATCH,
-           "--checkpoint-dir", tmp_path / "ckpt", "--no-progress", "--loss-log", log,
+           "--checkpoint-dir", tmp_path / "ckpt", "--no-progress", "--loss-log", log, "--xnnpack",
            fragments=["training diverged: after epoch 1 the state holds NaN or inf in", "moving_"])
     assert all(np.isfinite(list(_losses(log).values())))
     assert not (tmp_path / "ckpt").exists() or os.listdir(tmp_path / "ckpt") == []
     # without a checkpoint directory the diverged state fails the run as well
     _fails(env, "train", env["wide"], "--data", tmp_path / "huge.npz", "--batch-size", BATCH, "--no-progress",
-           fragments=["training diverged"])
+           "--xnnpack", fragments=["training diverged"])
 
 
 # ------------------------------------------------------------------ --keep and atomic writes

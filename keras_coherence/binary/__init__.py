@@ -2,8 +2,11 @@
 
 * :mod:`~keras_coherence.binary.config` -- :class:`LowMemoryConfig`, ``resolve_method``.
 * :mod:`~keras_coherence.binary.ops` -- hand-written, TFLite-builtin-only backward passes.
+* :mod:`~keras_coherence.binary.real_ops` -- the same for the real-valued layers (batch
+  norm, ReLU, pools, real convolutions) of the standard_device baseline and ResNetE-18.
 * :mod:`~keras_coherence.binary.layers` -- ``BinaryDense``, ``BinaryConv2D``,
-  ``L1BatchNormalization``, ``LowMemoryMaxPooling2D``.
+  ``L1BatchNormalization``, ``LowMemoryMaxPooling2D`` and the ``Device*`` layers
+  (Keras layers with a builtin-only backward).
 * :mod:`~keras_coherence.binary.models` -- MLP, CNV, BinaryNet, ResNetE-18 builders.
 * :mod:`~keras_coherence.binary.memory` -- ``memory_profile``: training memory in bits.
 * :mod:`~keras_coherence.binary.training` -- ``train_bnn``: one call for a CLI.
@@ -19,7 +22,9 @@ _EXPORTS = {
     "LowMemoryConfig": "config", "resolve_method": "config", "method_name": "config",
     "METHODS": "config",
     "BinaryDense": "layers", "BinaryConv2D": "layers", "L1BatchNormalization": "layers",
-    "LowMemoryMaxPooling2D": "layers",
+    "LowMemoryMaxPooling2D": "layers", "DeviceBatchNormalization": "layers",
+    "DeviceConv2D": "layers", "DeviceReLU": "layers", "DeviceMaxPooling2D": "layers",
+    "DeviceAveragePooling2D": "layers",
     "build_model": "models", "MODEL_NAMES": "models",
     "memory_profile": "memory", "MemoryProfile": "memory", "MemoryRow": "memory",
     "train_bnn": "training", "make_optimizer": "training",
@@ -27,7 +32,7 @@ _EXPORTS = {
     "TrainingModule": "export_training", "to_tflite": "export_training",
     "set_keras_weights": "export_training",
 }
-_SUBMODULES = ("config", "ops", "layers", "models", "memory", "training", "export_lce",
+_SUBMODULES = ("config", "ops", "real_ops", "layers", "models", "memory", "training", "export_lce",
                "export_training")
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)

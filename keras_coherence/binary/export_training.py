@@ -106,9 +106,10 @@ def softmax_cross_entropy(logits, labels):
 #: What the training export supports (checked layer by layer by ``TrainingModule``).
 SUPPORTED_LAYERS = (
     "BinaryDense, BinaryConv2D, L1BatchNormalization, LowMemoryMaxPooling2D (the low-memory "
-    "layers); larq QuantDense and Keras Dense without activation; Keras BatchNormalization on "
-    "[batch, features] inputs; Add, GlobalAveragePooling2D, Flatten, Reshape, a linear "
-    "Activation")
+    "layers); DeviceBatchNormalization, DeviceConv2D, DeviceReLU, DeviceMaxPooling2D, "
+    "DeviceAveragePooling2D (real layers with a builtin-only backward); larq QuantDense and "
+    "Keras Dense without activation; Keras BatchNormalization on [batch, features] inputs; "
+    "Add, GlobalAveragePooling2D, Flatten, Reshape, a linear Activation")
 
 
 def _activation_name(layer):
@@ -153,8 +154,9 @@ def check_trainable_on_device(model):
         listed = "; ".join(f"{layer.name!r} ({type(layer).__name__}: {why})" for layer, why in bad)
         raise ValueError(
             f"{model.name!r} cannot be exported for on-device training: {listed}. Supported: "
-            f"{SUPPORTED_LAYERS}. Build the model with method='low_memory' (the binary model "
-            "builders then use these layers).")
+            f"{SUPPORTED_LAYERS}. Build the model with method='low_memory', or "
+            "method='standard_device' for the standard arithmetic (the binary model builders "
+            "then use these layers).")
 
 
 class TrainingModule(tf.Module):

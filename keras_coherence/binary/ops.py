@@ -121,22 +121,27 @@ def unpack_bits(words, shape):
 def _zero_from(t, dtype):
     """A zero of ``dtype`` computed from ``t``'s first value (``|t[0]| < 0`` is never
     true, NaN included), so that whatever adds it runs after ``t`` exists."""
-    first = tf.reshape(t, [-1])[:1]
+    first = tf.cast(tf.reshape(t, [-1])[:1], tf.float32)  # any dtype: words, indices
     return tf.cast(tf.abs(first) < 0, dtype)
 
 
-def after(t, dz):
-    """``t`` itself, made to depend on ``dz``'s values (``t`` plus a zero from ``dz``).
+def after(t, *dependencies):
+    """``t`` itself, made to depend on the values of ``dependencies`` (``t`` plus a zero
+    computed from each).
 
-    A backward pass that rebuilds a tensor from what the forward pass kept (unpacked
-    bits, a kernel's signs) must rebuild it *after* the output gradient exists: ops
-    whose inputs are all forward tensors may be scheduled in the forward pass, and the
-    rebuilt float32 tensor then lives in the device graph's arena until its use. Apply
-    it to the small kept tensor (packed words), not to a large one: it costs a copy.
+    The device graph runs its ops in one fixed order, and an op may be placed anywhere
+    after its inputs exist. Two placements cost memory: a backward op that rebuilds a
+    tensor from what the forward pass kept (unpacked bits, a kernel's signs) placed in
+    the forward pass, whose float32 result then lives until its use; and a forward op
+    that computes what is kept (packed bits) placed in the backward pass, whose float32
+    input then lives until then. ``after(kept, dz)`` pins the first after the output
+    gradient; ``after(small_forward_input, kept)`` pins the second before the forward
+    result. Apply it to small tensors (packed words, kernels): it costs a copy of ``t``.
     """
-    if t.dtype == tf.bool:
-        return tf.logical_or(t, tf.cast(_zero_from(dz, tf.int32), tf.bool))
-    return t + _zero_from(dz, t.dtype)
+    for dependency in dependencies:
+        zero = _zero_from(dependency, tf.int32 if t.dtype == tf.bool else t.dtype)
+        t = tf.logical_or(t, tf.cast(zero, tf.bool)) if t.dtype == tf.bool else t + zero
+    return t
 
 
 def po2_round(g, exponent_bits: int = 4, bias: int = 8):
@@ -202,13 +207,13 @@ def latent_weight(w, config: LowMemoryConfig):
 
 
 def _saved_input(x, config, first_layer):
-    """Returns ``(forward_input, restore)``: ``restore(chunk, dz)`` rebuilds, in the
+    """Returns ``(forward_input, restore, kept)``: ``restore(chunk, dz)`` rebuilds, in the
     backward pass (after ``dz``), ``(input used by the forward product, STE mask or
-    None)`` for the examples of ``chunk`` (a ``slice`` of the batch) from what is kept:
-    the real input for a first layer; the packed sign and mask bits with
+    None)`` for the examples of ``chunk`` (a ``slice`` of the batch) from ``kept``: the
+    real input for a first layer; the packed sign and mask bits with
     ``binary_activation_retention`` (2 bits per element); else the float input."""
     if first_layer:
-        return x, lambda chunk, dz: (x[chunk], None)
+        return x, lambda chunk, dz: (x[chunk], None), []
     if config is not None and config.binary_activation_retention:
         sign_words = pack_bits(x >= 0)           # 1 bit per element
         mask_words = pack_bits(tf.abs(x) <= 1.0)  # 1 bit per element
@@ -221,22 +226,27 @@ def _saved_input(x, config, first_layer):
             mask = unpack_bits(after(mask_words[chunk], dz), part)
             return _sign_from_bits(signs, x.dtype), tf.cast(mask, x.dtype)
 
-        return binary_sign(x), restore
+        return binary_sign(x), restore, [sign_words, mask_words]
 
     def restore_float(chunk, dz):
         xc = after(x[chunk], dz)
         return binary_sign(xc), tf.cast(tf.abs(xc) <= 1.0, x.dtype)
 
-    return binary_sign(x), restore_float
+    return binary_sign(x), restore_float, []
 
 
-def _saved_kernel(w):
+def _saved_kernel(w, x, kept):
     """Keeps ``sign(w)`` and the clip-STE mask ``|w| <= 1`` as packed bits; returns
     ``(sign(w), restore)`` with ``restore(dz) -> (sign(w), mask)`` rebuilt after ``dz``
-    (so that neither the float32 latent kernel nor its signs live across the step)."""
-    wb = binary_sign(w)
+    (so that neither the float32 latent kernel nor its signs live across the step).
+
+    The forward ``sign(w)`` is computed after the layer's input ``x`` and after the
+    packed words (the kernel's and ``kept``, the input's) exist: so every layer's float32
+    signs are not computed at the start of the step, and no packing is left for the
+    backward pass (which would keep its float32 input alive until then)."""
     flat = tf.reshape(w, [1, -1])
     sign_words, mask_words = pack_bits(flat >= 0), pack_bits(tf.abs(flat) <= 1.0)
+    wb = binary_sign(after(w, x, sign_words, mask_words, *kept))
 
     def restore(dz):
         signs = unpack_bits(after(sign_words, dz), flat.shape)
@@ -301,6 +311,21 @@ def batch_chunks(batch, scratch_bytes_per_example):
 # --------------------------------------------------------------------------------------
 
 
+def _fully_connected(a, b_t, transposed=()):
+    """``a @ b_tᵀ`` as TFLite's ``FULLY_CONNECTED`` (weights laid out ``[out, in]``).
+
+    Written any other way (``a @ b``, ``aᵀ @ b``) with a non-constant ``b``, the converter
+    emits ``BATCH_MATMUL``, whose builtin kernel was measured 13x slower (52 vs 3.9 ms for
+    ``[1000, 256] @ [256, 256]`` in LiteRT without XNNPACK). The operands named in
+    ``transposed`` ("a", "b") are transposes: they are pinned (:func:`after`) so that the
+    converter cannot fold them back into a ``BATCH_MATMUL``."""
+    if "a" in transposed:
+        a = after(a, b_t)
+    if "b" in transposed:
+        b_t = after(b_t, a)
+    return tf.matmul(a, b_t, transpose_b=True)
+
+
 def binary_matmul(x, kernel, config: LowMemoryConfig, first_layer: bool = False):
     """``sign(x) @ sign(clip(kernel))`` (``x @ ...`` for a first layer), low-memory backward.
 
@@ -312,18 +337,18 @@ def binary_matmul(x, kernel, config: LowMemoryConfig, first_layer: bool = False)
 
     @tf.custom_gradient
     def _op(x, w):
-        wb, restore_kernel = _saved_kernel(w)
-        x_fwd, restore = _saved_input(x, config, first_layer)
-        z = tf.matmul(x_fwd, wb)
+        x_fwd, restore, kept = _saved_input(x, config, first_layer)
+        wb, restore_kernel = _saved_kernel(w, x, kept)
+        z = _fully_connected(x_fwd, tf.transpose(wb), transposed="b")
 
         def grad(dz):
             dz = round_gradient(dz, config)
             wb_saved, w_mask = restore_kernel(dz)
             x_saved, mask = restore(slice(None), dz)
-            dx = tf.matmul(dz, wb_saved, transpose_b=True)
+            dx = _fully_connected(dz, wb_saved)
             if mask is not None:
                 dx = dx * mask
-            dw = tf.matmul(x_saved, dz, transpose_a=True)
+            dw = _fully_connected(tf.transpose(x_saved), tf.transpose(dz), transposed="ab")
             return dx, _kernel_grad(dw, w_mask, config)
 
         return z, grad
@@ -454,8 +479,8 @@ def binary_conv2d(x, kernel, strides=(1, 1), padding="VALID",
 
     @tf.custom_gradient
     def _op(x, w):
-        wb, restore_kernel = _saved_kernel(w)
-        x_fwd, restore = _saved_input(x, config, first_layer)
+        x_fwd, restore, kept = _saved_input(x, config, first_layer)
+        wb, restore_kernel = _saved_kernel(w, x, kept)
         parts = [conv(x_fwd[chunk], wb) for chunk in batch_chunks(x.shape[0], forward_scratch)]
         z = parts[0] if len(parts) == 1 else tf.concat(parts, 0)
 
@@ -506,6 +531,8 @@ def l1_normalize(x, mean, sigma, config: LowMemoryConfig, beta=None):
         x_hat = (x - mean) / sigma
         sign_words = pack_bits(x_hat >= 0)      # 1 bit per element
         s = tf.reduce_mean(tf.abs(x_hat), axis=axes, keepdims=True)
+        # pack and s in the forward pass, so that x_hat is not kept for them (see after)
+        shift = after(beta, sign_words, s)
 
         def grad(dy):
             dbeta = tf.reduce_sum(dy, axis=axes)
@@ -518,7 +545,7 @@ def l1_normalize(x, mean, sigma, config: LowMemoryConfig, beta=None):
             dx = d - tf.where(positive, mean_d + c, mean_d - c)
             return dx, tf.zeros_like(mean), tf.zeros_like(sigma), dbeta
 
-        return (x_hat + beta if with_beta else x_hat), grad
+        return (x_hat + shift if with_beta else after(x_hat, sign_words, s)), grad
 
     return _op(x, mean, sigma, beta)
 
@@ -589,6 +616,7 @@ def max_pool2d(x, pool_size: int, padding: str = "VALID"):
         is_max = tf.equal(windows, tf.reshape(y, [-1, 1, channels]))
         first = tf.reduce_min(tf.where(is_max, window_index, k * k), axis=1)
         argmax = tf.cast(first, tf.uint8)           # what the backward keeps
+        y = after(y, argmax)  # the index in the forward pass: x is not kept for it
 
         def grad(dy):
             # compared as int32: LiteRT's EQUAL aborts on uint8 operands
