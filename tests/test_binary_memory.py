@@ -3,6 +3,12 @@ layer, ResNetE-18's Add and pooling rows; methods that contradict a model's laye
 device layout against hand-computed rows and against real exported training graphs: the
 tensors alive across the turn from the forward to the backward pass (read from the
 flatbuffer's op order) and the ``get_weights`` state."""
+import collections
+import os
+import sys
+import tempfile
+
+import numpy as np
 import pytest
 
 import keras_coherence  # noqa: F401  (Keras 2 policy first)
@@ -337,13 +343,6 @@ def test_device_layout_errors_and_paper_default():
 
 
 # ------------------------------------------------------------------ device layout vs an export
-import collections  # noqa: E402
-import os  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-
-import numpy as np  # noqa: E402
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICE_BATCH = 6
 
@@ -393,7 +392,8 @@ def _boundary_tensors(flatbuffer):
     turn = written[loss]
     return [t for t in tensors
             if t["kind"] not in ("constant", "resource_handle", "variable_read")
-            and t["index"] != loss and written.get(t["index"], -1) <= turn < last_read.get(t["index"], -1)]
+            and t["index"] != loss
+            and written.get(t["index"], -1) <= turn < last_read.get(t["index"], -1)]
 
 
 @pytest.fixture(scope="module", params=["low_memory", "standard_device"])
@@ -429,7 +429,8 @@ def test_device_layout_saved_tensors_are_the_exported_graphs(exported):
         own = collections.Counter((t["dtype"], t["bytes"]) for t in boundary
                                   if f"/{name}/" in t["name"])
         assert not own - _kept_bytes(row.kept), (name, own, row.kept)
-        assert row.saved_activations == 8 * sum(n * c for (_, n), c in _kept_bytes(row.kept).items())
+        kept = _kept_bytes(row.kept)
+        assert row.saved_activations == 8 * sum(n * c for (_, n), c in kept.items())
 
 
 def test_device_layout_state_is_get_weights_and_file_constants(exported):
