@@ -93,9 +93,10 @@ only until its Adam update, and activation gradients are among the working set's
 interpreter peak of ``benchmarks/bnn_device_memory.py``. ``tests/test_binary_memory.py``
 checks the kept tensors, the state and the file constants against real exports. Against
 LiteRT's measured peaks (2026-12-02; standard_device / low_memory): MLP batch 100 12.7 /
-11.9 MiB modelled vs 13.8 / 12.5 measured, batch 1000 28.4 / 20.9 vs 34.2 / 26.4 (the
+11.9 MiB modelled vs 14.7 / 14.7 measured, batch 1000 28.4 / 20.9 vs 34.2 / 26.4 (the
 graph keeps every dense layer's transposed output gradient until the Adam updates, which
-the three activation buffers do not count); CNV batch 8 59.3 / 52.4 vs 59.5 / 56.3, batch
+the three activation buffers do not count, and ``FULLY_CONNECTED`` allocates about
+1.5 MiB outside the arena); CNV batch 8 59.3 / 52.4 vs 60.9 / 56.3, batch
 100 210 / 123 vs 192 / 105 (the working set's three buffers and the im2col buffer are not
 all alive at the same op); BinaryNet batch 100 low-memory 468 vs 515.
 
