@@ -7,9 +7,20 @@
 * The standard_device models compute the standard (larq + Keras) models' loss and
   gradients from the same weights.
 * A standard_device CNV exports with LCE (bconvs, binary max pool) and agrees with Keras.
-* MLP / CNV / BinaryNet with "standard_device" and ResNetE-18 (low_memory and
-  standard_device) convert to builtin-only TFLite training models; one LiteRT train step
-  of a standard_device CNV and of ResNetE-18 reports Keras ``train_on_batch``'s loss.
+* MLP / CNV / BinaryNet / ResNetE-18 with "standard_device" convert to builtin-only
+  TFLite training models (one conversion per model, shared through a module fixture); one
+  LiteRT train step of the standard_device CNV and ResNetE-18 reports Keras
+  ``train_on_batch``'s loss.
+
+ResNetE-18 is converted as a cut-down model with one unit of each kind, built from the
+blocks ``models.resnet_e18`` uses (a test checks it has exactly the full model's layer
+kinds, strides and paddings): converting the full model takes ~75 s of MLIR work, which
+grows with the number of ops, not with the widths. The low-memory ResNetE-18 differs
+from the standard_device one only in its binary units (low-memory binary convolution +
+l1 batch norm), whose export is checked on the low-memory CNV and BinaryNet in
+tests/test_device_parity.py and on the low-memory MLP in tests/test_binary_export.py;
+only the stride-2 low-memory binary convolution of ResNet's downsampling units is not
+exported there.
 """
 import numpy as np
 import pytest
@@ -237,35 +248,81 @@ def test_standard_device_computes_the_standard_step(build):
 
 
 # ------------------------------------------------------------------ TFLite training export
-def _convert(model):
-    flatbuffer = export_training.to_tflite(export_training.TrainingModule(model, learning_rate=LR,
-                                                                          batch_size=BATCH))
-    ops = export_lce.tflite_ops(flatbuffer)
+def _mini_resnet_e18(method="standard_device", width=4):
+    """ResNetE-18 cut to one unit of each kind, built with the blocks ``models.resnet_e18``
+    uses: the stem (7x7/2 conv + BN + ReLU + 3x3/2 max pool), an identity-shortcut binary
+    unit, a downsampling unit (stride-2 binary conv, shortcut 2x2 average pool + 1x1 conv +
+    BN), the head (ReLU, global average pool, dense). The TFLite conversion's time grows
+    with the number of ops (the full model's 16 binary units: ~75 s), not with the widths."""
+    b = bm._Blocks(method)
+    inputs = keras.Input((32, 32, 3), name="input")
+    h = b.real_conv(inputs, width, 7, "stem_conv", strides=2, padding="same")
+    h = b.relu(b.batch_norm(h, "stem_bn", binary=False), "stem_relu")
+    h = b.real_max_pool(h, 3, 2, "same", "stem_pool")
+    for prefix, filters, down in [("unit1", width, False), ("unit2", 2 * width, True)]:
+        y = b.conv(h, filters, 3, prefix, strides=2 if down else 1, padding="same")
+        y = b.batch_norm(y, f"{prefix}_bn")
+        shortcut = h
+        if down:
+            shortcut = b.avg_pool(h, 2, f"{prefix}_sc_pool")
+            shortcut = b.real_conv(shortcut, filters, 1, f"{prefix}_sc_conv")
+            shortcut = b.batch_norm(shortcut, f"{prefix}_sc_bn", binary=False)
+        h = keras.layers.Add(name=f"{prefix}_add")([y, shortcut])
+    h = keras.layers.GlobalAveragePooling2D(name="head_pool")(b.relu(h, "head_relu"))
+    return keras.Model(inputs, keras.layers.Dense(10, name="logits")(h), name="mini_resnet_e18")
+
+
+# one conversion per model in this file (each ~6-20 s of MLIR work), shared by the tests
+EXPORTS = {
+    "mlp": lambda: bm.mlp((8, 8, 1), method="standard_device", hidden=(8,)),
+    "cnv": lambda: bm.cnv(method="standard_device", filters=(4, 4, 6, 6, 8, 8), fc=(16, 16)),
+    "binarynet": lambda: bm.binarynet((8, 8, 3), method="standard_device", filters=(4,) * 6,
+                                      fc=(8, 8)),
+    "resnet_e18": _mini_resnet_e18,
+}
+
+
+@pytest.fixture(scope="module")
+def exported():
+    """``exported(name) -> (model, flatbuffer, ops)``: the standard_device model and its
+    TFLite training export (same initial weights), converted once per module."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            keras.utils.set_random_seed(1)
+            model = EXPORTS[name]()
+            flatbuffer = export_training.to_tflite(
+                export_training.TrainingModule(model, learning_rate=LR, batch_size=BATCH))
+            cache[name] = (model, flatbuffer, export_lce.tflite_ops(flatbuffer))
+        return cache[name]
+
+    return get
+
+
+def test_mini_resnet_has_every_layer_kind_of_resnet_e18():
+    full = bm.resnet_e18((32, 32, 3), 10, method="standard_device", width=4)
+    mini = _mini_resnet_e18()
+    assert {type(l) for l in mini.layers} == {type(l) for l in full.layers}
+    kinds = lambda m: {(type(l).__name__, getattr(l, "strides", None), getattr(l, "padding", None))
+                       for l in m.layers}
+    assert kinds(mini) == kinds(full)
+
+
+@pytest.mark.parametrize("name", list(EXPORTS))
+def test_builtin_only_training_model(exported, name):
+    flatbuffer, ops = exported(name)[1:]
     assert export_lce.non_builtin_ops(flatbuffer) == [], ops
     assert not [op for op in ops if op.startswith("Flex")]
-    return flatbuffer, set(ops)
+    if name != "mlp":
+        assert {"TRANSPOSE_CONV", "CONV_2D", "MAX_POOL_2D"} <= set(ops), ops
 
 
-@pytest.mark.parametrize("build", [
-    lambda: bm.mlp((8, 8, 1), method="standard_device", hidden=(16, 16)),
-    lambda: bm.binarynet((8, 8, 3), method="standard_device", filters=(4,) * 6, fc=(8, 8)),
-    lambda: bm.resnet_e18((32, 32, 3), 10, method="low_memory", width=8),
-], ids=["mlp", "binarynet", "resnet_e18_low_memory"])
-def test_builtin_only_training_model(build):
-    _convert(build())
-
-
-@pytest.mark.parametrize("build", [
-    lambda: bm.cnv(method="standard_device", filters=(4, 4, 6, 6, 8, 8), fc=(16, 16)),
-    lambda: bm.resnet_e18((32, 32, 3), 10, method="standard_device", width=8),
-], ids=["cnv", "resnet_e18"])
-def test_litert_train_step_equals_keras(build):
+@pytest.mark.parametrize("name", ["cnv", "resnet_e18"])
+def test_litert_train_step_equals_keras(exported, name):
     from ai_edge_litert.interpreter import Interpreter
 
-    keras.utils.set_random_seed(1)
-    model = build()
-    flatbuffer, ops = _convert(model)
-    assert {"TRANSPOSE_CONV", "CONV_2D", "MAX_POOL_2D"} <= ops
+    model, flatbuffer, _ = exported(name)
     rng = np.random.default_rng(7)
     x = rng.normal(size=(2, BATCH) + model.input_shape[1:]).astype(np.float32)
     y = rng.integers(0, 10, (2, BATCH)).astype(np.int32)
