@@ -166,7 +166,7 @@ def tensor_breakdown(flatbuffer, signature="train", output="loss"):
     return tensors, arena
 
 
-def child_measure(model_path, batch_size, steps):
+def child_measure(model_path, batch_size, steps, xnnpack=False):
     """Runs in the subprocess: the memory phases, step times and the tensor breakdown
     (see the module docstring); returns a JSON-able dict."""
     import numpy as np
@@ -190,7 +190,7 @@ def child_measure(model_path, batch_size, steps):
     out["baseline_rss_kib"] = _status_kib("VmRSS")
     file_pages_before = _status_kib("RssFile")
     _reset_peak()
-    interpreter = open_interpreter(model_path)  # as python -m edge runs it
+    interpreter = open_interpreter(model_path, xnnpack=xnnpack)  # as python -m edge runs it
     interpreter.allocate_tensors()
     train = interpreter.get_signature_runner("train")
     out["load_rss_kib"], out["load_hwm_kib"] = _status_kib("VmRSS"), _status_kib("VmHWM")
@@ -229,11 +229,11 @@ def child_measure(model_path, batch_size, steps):
     return out
 
 
-def run_child(model_path, batch_size, steps=3, python=None, timeout=1800, env=None):
+def run_child(model_path, batch_size, steps=3, python=None, timeout=1800, env=None, xnnpack=False):
     """:func:`child_measure` in a fresh ``python`` process (numpy + LiteRT only; ``env``:
     its environment, default this one's)."""
     cmd = [python or sys.executable, os.path.abspath(__file__), "--child", model_path, str(batch_size),
-           str(steps)]
+           str(steps)] + (["--xnnpack"] if xnnpack else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"the measuring subprocess failed ({proc.returncode}): {proc.stderr[-2000:]}")
@@ -302,15 +302,17 @@ def keras_step_ms(model_name, method, batch_size, steps):
 def modelled(model_name, method, batch_size):
     from keras_coherence.binary.memory import memory_profile
 
-    profile = memory_profile(model_name, batch_size=batch_size, method=method)
-    return {"peak_mib": profile.peak_mib,
-            "columns_mib": {k: v / 8 / MIB for k, v in profile.totals().items()}}
+    paper = memory_profile(model_name, batch_size=batch_size, method=method)
+    device = memory_profile(model_name, batch_size=batch_size, method=method, layout="device")
+    return {"peak_mib": device.peak_mib, "paper_peak_mib": paper.peak_mib,
+            "columns_mib": {k: v / 8 / MIB for k, v in device.totals().items()},
+            "paper_columns_mib": {k: v / 8 / MIB for k, v in paper.totals().items()}}
 
 
 def _table(results):
     head = ("model", "method", "batch", "file MB", "interp. peak MiB", "load MiB", "train+ MiB", "file pages MiB",
-            "step ms", "Keras step ms", "arena live peak MiB", "largest scratch MiB", "state MiB", "modelled MiB",
-            "modelled/measured")
+            "step ms", "Keras step ms", "arena live peak MiB", "largest scratch MiB", "state MiB",
+            "modelled (device) MiB", "modelled/measured", "paper layout MiB")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         if r.get("does_not_lower"):
@@ -323,7 +325,8 @@ def _table(results):
             f"{m['step_ms']:.1f}", f"{r['keras_step_ms']:.1f}" if "keras_step_ms" in r else "",
             f"{r['summary']['live_peak_mib']:.1f}", f"{r['summary']['kernel_scratch_max_mib']:.1f}",
             f"{r['summary']['totals_mib']['state']:.1f}",
-            f"{r['modelled']['peak_mib']:.2f}", f"{r['modelled']['peak_mib'] / m['interpreter_peak_mib']:.3f}"))
+            f"{r['modelled']['peak_mib']:.2f}", f"{r['modelled']['peak_mib'] / m['interpreter_peak_mib']:.3f}",
+            f"{r['modelled']['paper_peak_mib']:.2f}"))
             + " |")
     return "\n".join(lines)
 
@@ -338,8 +341,9 @@ def _ratios(results, baseline="standard_device"):
             continue
         measured = base["measured"]["interpreter_peak_mib"] / r["measured"]["interpreter_peak_mib"]
         modelled = base["modelled"]["peak_mib"] / r["modelled"]["peak_mib"]
+        paper = base["modelled"]["paper_peak_mib"] / r["modelled"]["paper_peak_mib"]
         lines.append(f"{model} batch {batch}: {baseline} / {method} = {measured:.2f}x measured "
-                     f"(modelled {modelled:.2f}x)")
+                     f"(device layout modelled {modelled:.2f}x, paper layout {paper:.2f}x)")
     return "\n".join(lines)
 
 
@@ -352,6 +356,7 @@ def parse_args(argv=None):
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--keep-files", help="keep the .tflite files in this directory")
     p.add_argument("--no-keras", action="store_true", help="skip the Keras step-time reference")
+    p.add_argument("--xnnpack", action="store_true", help="run LiteRT with its XNNPACK delegate")
     p.add_argument("--reuse", action="store_true",
                    help="measure the files already in --keep-files instead of exporting them again")
     p.add_argument("--child", nargs=3, metavar=("MODEL_PATH", "BATCH", "STEPS"), help=argparse.SUPPRESS)
@@ -365,7 +370,7 @@ def main(argv=None):
     args = parse_args(argv)
     sys.path.insert(0, os.path.dirname(_HERE))  # the packages themselves, when not pip-installed
     if args.child:
-        print(json.dumps(child_measure(args.child[0], int(args.child[1]), int(args.child[2]))))
+        print(json.dumps(child_measure(args.child[0], int(args.child[1]), int(args.child[2]), args.xnnpack)))
         return 0
     runs = []
     for item in args.runs.split(","):
@@ -400,7 +405,7 @@ def main(argv=None):
                        "modelled": modelled(name, method, batch), "convert_s": time.perf_counter() - t0}
                 if why is None:
                     row["file_bytes"] = os.path.getsize(path)
-                    measured = run_child(path, batch, args.steps)
+                    measured = run_child(path, batch, args.steps, xnnpack=args.xnnpack)
                     row["summary"] = summarize(measured, args.top)
                     measured.pop("interpreter_tensor_bytes")
                     row["measured"] = {k: v for k, v in measured.items() if k not in ("tensors", "arena")}
