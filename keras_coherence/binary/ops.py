@@ -311,6 +311,18 @@ def batch_chunks(batch, scratch_bytes_per_example):
 # --------------------------------------------------------------------------------------
 
 
+def _read_after(kernel, x):
+    """``kernel``'s value; a variable is read once the layer's input ``x`` exists (a
+    control dependency). A read has no data input, so the device graph may otherwise
+    read (and float16-round) every layer's kernel at the start of the step and keep the
+    float32 copies until each layer runs: 52 MiB of BinaryNet's kernels at its forward
+    peak."""
+    if isinstance(kernel, tf.Variable) or hasattr(kernel, "read_value"):
+        with tf.control_dependencies([x]):
+            return tf.identity(kernel)
+    return tf.convert_to_tensor(kernel)
+
+
 def _fully_connected(a, b_t, transposed=()):
     """``a @ b_tᵀ`` as TFLite's ``FULLY_CONNECTED`` (weights laid out ``[out, in]``).
 
@@ -333,7 +345,7 @@ def binary_matmul(x, kernel, config: LowMemoryConfig, first_layer: bool = False)
     ``dx = (dz @ Wbᵀ) * 1{|x|<=1}`` and ``dW = xbᵀ @ dz`` (optionally binarized, then
     masked by ``|W| <= 1``), where ``xb`` comes from the stored sign bits.
     """
-    w_latent = latent_weight(tf.convert_to_tensor(kernel), config)
+    w_latent = latent_weight(_read_after(kernel, x), config)
 
     @tf.custom_gradient
     def _op(x, w):
@@ -461,7 +473,7 @@ def binary_conv2d(x, kernel, strides=(1, 1), padding="VALID",
     if strides != (1, 1) and dilations != (1, 1):
         raise ValueError(f"strides={strides} with dilations={dilations}: a convolution takes "
                          "strides > 1 or dilations > 1, not both (as Keras's Conv2D).")
-    w_latent = latent_weight(tf.convert_to_tensor(kernel), config)
+    w_latent = latent_weight(_read_after(kernel, x), config)
     x_shape = x.shape
     kh, kw = int(w_latent.shape[0]), int(w_latent.shape[1])
     c_in, c_out = int(w_latent.shape[2]), int(w_latent.shape[3])
@@ -481,8 +493,15 @@ def binary_conv2d(x, kernel, strides=(1, 1), padding="VALID",
     def _op(x, w):
         x_fwd, restore, kept = _saved_input(x, config, first_layer)
         wb, restore_kernel = _saved_kernel(w, x, kept)
-        parts = [conv(x_fwd[chunk], wb) for chunk in batch_chunks(x.shape[0], forward_scratch)]
-        z = parts[0] if len(parts) == 1 else tf.concat(parts, 0)
+        chunks = batch_chunks(x.shape[0], forward_scratch)
+        if len(chunks) == 1:
+            z = conv(x_fwd, wb)
+        else:  # each chunk's input made when the previous chunk is done: not all at once
+            parts = []
+            for chunk in chunks:
+                x_part = x[chunk] if not parts else after(x[chunk], parts[-1])
+                parts.append(conv(x_part if first_layer else binary_sign(x_part), wb))
+            z = tf.concat(parts, 0)
 
         def grad(dz):
             dz = round_gradient(dz, config)
