@@ -31,7 +31,7 @@ the *forward* pass is kept away from its threshold:
   but float32 activation gradients and latent weights: its losses then agree to 5e-7 for
   each data draw tried (``DATA_SEED`` 0-5 in this setting; 0-10 for 40 steps at a batch
   of 8). BinaryNet keeps the full
-  ``"low_memory"`` config (float16 everywhere), which stays exact here (60 steps);
+  ``"low_memory"`` config (float16 everywhere), which stays exact here (60 steps, seeds 0-2);
 * a learning rate of 1e-3: the batch-norm betas of the first layers get gradients that
   are sums over ``B*H*W`` activation gradients which cancel to a few 1e-4 of their
   absolute sum, so LiteRT's and TensorFlow's summation orders give betas that differ by
