@@ -114,6 +114,7 @@ from typing import List, Optional
 
 from keras_coherence._keras import keras
 from keras_coherence.binary import layers as bl
+from keras_coherence.binary import ops
 from keras_coherence.binary.config import LowMemoryConfig, method_name, resolve_method
 from keras_coherence.binary.training import optimizer_slots
 
@@ -471,25 +472,14 @@ def _needs_input_grad(model):
     return out
 
 
-def _chunk(batch, per_example, budget):
-    """Examples in one batch chunk of :func:`keras_coherence.binary.ops.batch_chunks`."""
-    if budget is None:
-        return batch
-    per_chunk = max(1, int(budget // max(1, per_example)))
-    count = -(-batch // per_chunk)
-    return -(-batch // count)
-
-
 def _conv_scratch_bytes(layer, batch, budget):
     """Largest im2col buffer of the layer's convolutions (forward, input and kernel
     gradient), each over one batch chunk, as ``ops.binary_conv2d`` / ``real_ops.conv2d``
     split them."""
-    h, w, c_in = (int(d) for d in layer.input.shape[1:4])
-    kh, kw, _, c_out = (int(d) for d in layer.kernel.shape)
-    rows, cols = (-(-d // s) for d, s in zip((h, w), layer.strides))
-    forward = 4 * rows * cols * kh * kw * c_in   # bytes per example
-    backward = max(4 * h * w * kh * kw * c_out, forward)
-    return max(_chunk(batch, forward, budget) * forward, _chunk(batch, backward, budget) * backward)
+    forward, backward = ops.conv_scratch_bytes(layer.input.shape, layer.kernel.shape,
+                                               layer.strides)
+    return max(ops.chunk_examples(batch, forward, budget) * forward,
+               ops.chunk_examples(batch, backward, budget) * backward)
 
 
 def _variable_bits(layer):

@@ -29,6 +29,7 @@ from keras_coherence._keras import tf
 from keras_coherence.binary.config import LowMemoryConfig
 
 __all__ = ["binary_sign", "pack_bits", "unpack_bits", "after", "scratch_budget", "batch_chunks",
+           "chunk_examples", "conv_scratch_bytes",
            "po2_round", "round_gradient", "round_latent", "latent_weight",
            "binary_matmul", "binary_conv2d", "l1_normalize", "conv_input_grad",
            "conv_filter_grad", "same_padding", "max_pool2d"]
@@ -294,16 +295,35 @@ class scratch_budget:
         return False
 
 
+def chunk_examples(batch, scratch_bytes_per_example, budget):
+    """Examples in the first (largest) chunk when a batch of ``batch`` examples is split so
+    that each chunk's scratch stays within ``budget`` bytes (None: the whole batch)."""
+    if budget is None:
+        return int(batch)
+    per_chunk = max(1, int(budget // max(1, scratch_bytes_per_example)))
+    count = -(-int(batch) // per_chunk)
+    return -(-int(batch) // count)  # equal chunks, the last one smaller
+
+
 def batch_chunks(batch, scratch_bytes_per_example):
     """``slice``s that split a batch of ``batch`` examples (a static size, or None) so that
     each chunk's scratch stays within the current :class:`scratch_budget`."""
-    budget = _SCRATCH_BUDGET[0]
-    if batch is None or budget is None:
+    if batch is None or _SCRATCH_BUDGET[0] is None:
         return [slice(None)]
-    per_chunk = max(1, int(budget // max(1, scratch_bytes_per_example)))
-    count = -(-int(batch) // per_chunk)
-    size = -(-int(batch) // count)  # equal chunks, the last one smaller
+    size = chunk_examples(batch, scratch_bytes_per_example, _SCRATCH_BUDGET[0])
     return [slice(i, min(i + size, batch)) for i in range(0, batch, size)]
+
+
+def conv_scratch_bytes(x_shape, kernel_shape, strides):
+    """``(forward, backward)`` im2col bytes per example of a convolution of NHWC inputs
+    ``x_shape`` with an HWIO kernel: LiteRT's ``CONV_2D`` with a non-constant filter makes
+    an ``output pixels x kh*kw*C_in`` float32 buffer per example; the backward's input
+    gradient (``H x W x kh*kw*C_out``) and kernel gradient convolutions, the larger."""
+    h, w = int(x_shape[1]), int(x_shape[2])
+    kh, kw, c_in, c_out = (int(d) for d in kernel_shape)
+    rows, cols = -(-h // int(strides[0])), -(-w // int(strides[1]))
+    forward = 4 * rows * cols * kh * kw * c_in
+    return forward, max(4 * h * w * kh * kw * c_out, forward)
 
 
 # --------------------------------------------------------------------------------------
@@ -476,14 +496,10 @@ def binary_conv2d(x, kernel, strides=(1, 1), padding="VALID",
     w_latent = latent_weight(_read_after(kernel, x), config)
     x_shape = x.shape
     kh, kw = int(w_latent.shape[0]), int(w_latent.shape[1])
-    c_in, c_out = int(w_latent.shape[2]), int(w_latent.shape[3])
     if None in tuple(x_shape[1:3]):  # no static size: one convolution per batch
         forward_scratch = backward_scratch = 0
-    else:  # im2col bytes per example: forward; input and kernel gradient
-        rows, cols = (-(-int(d) // s) for d, s in zip(x_shape[1:3], strides))
-        forward_scratch = 4 * rows * cols * kh * kw * c_in
-        backward_scratch = 4 * max(int(x_shape[1]) * int(x_shape[2]) * kh * kw * c_out,
-                                   rows * cols * kh * kw * c_in)
+    else:
+        forward_scratch, backward_scratch = conv_scratch_bytes(x_shape, w_latent.shape, strides)
 
     def conv(inputs, filters):
         return tf.nn.convolution(inputs, filters, strides=list(strides), padding=padding,

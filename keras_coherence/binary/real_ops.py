@@ -104,13 +104,9 @@ def conv2d(x, kernel, strides=(1, 1), padding="VALID", dilations=(1, 1)):
     x = _static_nhwc(x, "conv2d")
     kernel = tf.convert_to_tensor(kernel)
     x_shape = x.shape
-    kh, kw, c_in, c_out = (int(d) for d in kernel.shape)
-    rows, cols = (-(-int(d) // s) for d, s in zip(x_shape[1:3], strides))
-    # im2col bytes per example (forward; input and kernel gradient), for the batch split
-    # of ops.scratch_budget (a device training export sets one)
-    forward_scratch = 4 * rows * cols * kh * kw * c_in
-    backward_scratch = 4 * max(int(x_shape[1]) * int(x_shape[2]) * kh * kw * c_out,
-                               rows * cols * kh * kw * c_in)
+    kh, kw = int(kernel.shape[0]), int(kernel.shape[1])
+    # for the batch split of ops.scratch_budget (a device training export sets one)
+    forward_scratch, backward_scratch = ops.conv_scratch_bytes(x_shape, kernel.shape, strides)
 
     def conv(inputs, filters):
         return tf.nn.convolution(inputs, filters, strides=list(strides), padding=padding,
