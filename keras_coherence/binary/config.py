@@ -5,8 +5,8 @@ cut the memory of binary-network training with five independent techniques. Each
 is a field of :class:`LowMemoryConfig`, so it can be switched off for an ablation:
 
 * ``binary_activation_retention`` -- a binary layer keeps only the signs of its input
-  (plus the 1-bit STE mask ``|x| <= 1``) for the backward pass, as ``bool`` tensors,
-  instead of the float32 input.
+  (plus the 1-bit STE mask ``|x| <= 1``) for the backward pass, packed 32 per int32 word
+  (:func:`~keras_coherence.binary.ops.pack_bits`), instead of the float32 input.
 * ``l1_batchnorm`` -- batch norm normalizes by the mean absolute deviation, and its
   backward pass needs only ``sign(x_hat)`` and one scalar per channel.
 * ``binarize_weight_grads`` -- the kernel gradient becomes ``sign(dW) / sqrt(N)``,
