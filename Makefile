@@ -17,11 +17,13 @@ $(STAMP): setup.cfg pyproject.toml
 demo: $(STAMP)
 	$(PY) -m keras_coherence demo --out runs/demo
 
-# One pytest worker per core (-n auto). --dist worksteal keeps both cores busy to the
-# end; with --dist loadfile one worker was left alone with the heaviest files. A module
-# fixture whose tests land on both workers is built twice, which costs far less.
+# One pytest worker per core (-n auto). --dist loadgroup: the modules whose module
+# fixtures convert or train models are marked xdist_group and run on one worker each
+# (their fixtures are built once, not on both workers); every other test goes to
+# whichever worker is free. (With --dist loadfile one worker was left alone with the
+# heaviest files at the end.)
 test: $(STAMP)
-	$(PY) -m pytest -q -n auto --dist worksteal tests
+	$(PY) -m pytest -q -n auto --dist loadgroup tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/coherence_overhead.py

@@ -17,6 +17,9 @@ from keras_coherence.binary import config as C
 from keras_coherence.binary import models as bm
 from keras_coherence.binary.memory import COLUMNS, MemoryRow, memory_profile, memory_ratio
 
+# one xdist worker for the whole module: its module fixtures are built once (Makefile)
+pytestmark = pytest.mark.xdist_group("test_binary_memory")
+
 B = 7
 SIZES = [(784, 256), (256, 256), (256, 256), (256, 256), (256, 10)]
 

@@ -12,15 +12,11 @@
   LiteRT train step of the standard_device CNV and ResNetE-18 reports Keras
   ``train_on_batch``'s loss.
 
-ResNetE-18 is converted as a cut-down model with one unit of each kind, built from the
-blocks ``models.resnet_e18`` uses (a test checks it has exactly the full model's layer
-kinds, strides and paddings): converting the full model takes ~75 s of MLIR work, which
-grows with the number of ops, not with the widths. The low-memory ResNetE-18 differs
-from the standard_device one only in its binary units (low-memory binary convolution +
-l1 batch norm), whose export is checked on the low-memory CNV and BinaryNet in
-tests/test_device_parity.py and on the low-memory MLP in tests/test_binary_export.py;
-only the stride-2 low-memory binary convolution of ResNet's downsampling units is not
-exported there.
+ResNetE-18 is converted as a cut-down model with one unit of each kind, standard_device
+and low_memory, built from the blocks ``models.resnet_e18`` uses (a test checks it has
+exactly the full model's layer kinds, strides and paddings): converting the full model
+takes ~75 s of MLIR work, which grows with the number of ops, not with the widths. (The
+low-memory one's stride-2 binary convolution is in no other export.)
 """
 import numpy as np
 import pytest
@@ -31,6 +27,9 @@ from keras_coherence.binary import export_lce, export_training
 from keras_coherence.binary import layers as bl
 from keras_coherence.binary import models as bm
 from keras_coherence.binary import real_ops
+
+# one xdist worker for the whole module: its module fixtures are built once (Makefile)
+pytestmark = pytest.mark.xdist_group("test_device_layers")
 
 tf, keras = kc.tf, kc.keras
 
@@ -279,13 +278,16 @@ EXPORTS = {
     "binarynet": lambda: bm.binarynet((8, 8, 3), method="standard_device", filters=(4,) * 6,
                                       fc=(8, 8)),
     "resnet_e18": _mini_resnet_e18,
+    # the low-memory units too: its stride-2 binary conv is in no other export
+    "resnet_e18_low_memory": lambda: _mini_resnet_e18("low_memory"),
 }
 
 
 @pytest.fixture(scope="module")
 def exported():
-    """``exported(name) -> (model, flatbuffer, ops)``: the standard_device model and its
-    TFLite training export (same initial weights), converted once per module."""
+    """``exported(name) -> (model, flatbuffer, ops)``: the model (standard_device unless
+    its name says otherwise) and its TFLite training export (same initial weights),
+    converted once per module."""
     cache = {}
 
     def get(name):
