@@ -17,9 +17,6 @@ from keras_coherence.binary import config as C
 from keras_coherence.binary import models as bm
 from keras_coherence.binary.memory import COLUMNS, MemoryRow, memory_profile, memory_ratio
 
-# one xdist worker for the whole module: its module fixtures are built once (Makefile)
-pytestmark = pytest.mark.xdist_group("test_binary_memory")
-
 B = 7
 SIZES = [(784, 256), (256, 256), (256, 256), (256, 256), (256, 10)]
 
@@ -418,6 +415,7 @@ def _kept_bytes(kept):
                                for _, dtype, shape in kept)
 
 
+@pytest.mark.device_export
 def test_device_layout_saved_tensors_are_the_exported_graphs(exported):
     model, flatbuffer = exported
     profile = memory_profile(model, DEVICE_BATCH, layout="device")
@@ -436,6 +434,7 @@ def test_device_layout_saved_tensors_are_the_exported_graphs(exported):
         assert row.saved_activations == 8 * sum(n * c for (_, n), c in kept.items())
 
 
+@pytest.mark.device_export
 def test_device_layout_state_is_get_weights_and_file_constants(exported):
     from edge.runner import open_interpreter
 

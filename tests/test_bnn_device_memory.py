@@ -24,9 +24,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 import bnn_device_memory as bdm  # noqa: E402
 
-# one xdist worker for the whole module: its module fixtures are built once (Makefile)
-pytestmark = pytest.mark.xdist_group("test_bnn_device_memory")
-
 BATCH = 8
 HIDDEN = 256  # the 64x256 first kernel and its two Adam moments: a state of ~0.3 MB
 

@@ -20,8 +20,7 @@ from keras_coherence.binary import export_lce, export_training
 from keras_coherence.binary.memory import COLUMNS
 from keras_coherence.binary.models import build_model
 
-# one xdist worker for the whole module: its module fixtures are built once (Makefile)
-pytestmark = [pytest.mark.usefixtures("cache_in_tmp"), pytest.mark.xdist_group("test_cli_bnn")]
+pytestmark = pytest.mark.usefixtures("cache_in_tmp")
 
 # 256 examples in batches of 64: the 4 device steps are exactly one `edge train` epoch
 TINY = ["--hidden", "16", "--max-train", "256", "--batch-size", "64", "--epochs", "1", "--device-steps", "4",

@@ -14,8 +14,7 @@ from conftest import assert_png, read_csv, assert_help_lists, assert_one_line_us
 
 from keras_coherence import cli, data, models
 
-# one xdist worker for the whole module: its module fixtures are built once (Makefile)
-pytestmark = [pytest.mark.usefixtures("cache_in_tmp"), pytest.mark.xdist_group("test_cli_quantize")]
+pytestmark = pytest.mark.usefixtures("cache_in_tmp")
 
 TINY = ["--model", "mlp", "--hidden", "16", "--max-train", "256", "--batch-size", "64", "--float-epochs", "1",
         "--qat-epochs", "1", "--quiet", "--seed", "1"]

@@ -28,9 +28,6 @@ from keras_coherence.binary import layers as bl
 from keras_coherence.binary import models as bm
 from keras_coherence.binary import real_ops
 
-# one xdist worker for the whole module: its module fixtures are built once (Makefile)
-pytestmark = pytest.mark.xdist_group("test_device_layers")
-
 tf, keras = kc.tf, kc.keras
 
 BATCH, LR = 4, 1e-3
@@ -285,9 +282,8 @@ EXPORTS = {
 
 @pytest.fixture(scope="module")
 def exported():
-    """``exported(name) -> (model, flatbuffer, ops)``: the model (standard_device unless
-    its name says otherwise) and its TFLite training export (same initial weights),
-    converted once per module."""
+    """``exported(name) -> (model, flatbuffer, ops)``: the standard_device model and its
+    TFLite training export (same initial weights), converted once per module."""
     cache = {}
 
     def get(name):
@@ -311,6 +307,7 @@ def test_mini_resnet_has_every_layer_kind_of_resnet_e18():
     assert kinds(mini) == kinds(full)
 
 
+@pytest.mark.device_export
 @pytest.mark.parametrize("name", list(EXPORTS))
 def test_builtin_only_training_model(exported, name):
     flatbuffer, ops = exported(name)[1:]
@@ -320,6 +317,7 @@ def test_builtin_only_training_model(exported, name):
         assert {"TRANSPOSE_CONV", "CONV_2D", "MAX_POOL_2D"} <= set(ops), ops
 
 
+@pytest.mark.device_export
 @pytest.mark.parametrize("name", ["cnv", "resnet_e18"])
 def test_litert_train_step_equals_keras(exported, name):
     from ai_edge_litert.interpreter import Interpreter
@@ -336,6 +334,7 @@ def test_litert_train_step_equals_keras(exported, name):
     assert lite[1] == pytest.approx(ref[1], abs=1e-3)   # after one Adam update on each side
 
 
+@pytest.mark.device_export
 def test_standard_device_cnv_exports_with_lce():
     """The device layers are Keras layers to the LCE export: bconvs, fused BN and the binary
     max pool as for the standard model; LCE's interpreter agrees with Keras."""

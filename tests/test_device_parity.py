@@ -62,8 +62,8 @@ from keras_coherence._keras import keras, tf
 from keras_coherence.binary import export_lce, export_training, models
 from keras_coherence.binary.config import LowMemoryConfig
 
-# one xdist worker for the whole module: its module fixtures are built once (Makefile)
-pytestmark = pytest.mark.xdist_group("test_device_parity")
+# two conversions and 20 steps of each model: `make test-device` (see the Makefile)
+pytestmark = pytest.mark.device_export
 
 STEPS = 20  # each model: one conversion (~25-30 s), then 20 LiteRT + 20 Keras steps
 DATA_SEED = 0  # CNV's parity holds for each draw tried (seeds 0-5), not only this one

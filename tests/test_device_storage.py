@@ -120,6 +120,7 @@ def _saved(method, batch=32):
     return [t for t in tensors if t["kind"] == "saved_for_backward"]
 
 
+@pytest.mark.device_export
 def test_low_memory_export_saves_packed_words_not_activations():
     """What lives from the forward to the backward pass of the exported low-memory MLP:
     the real input of the first layer, per-channel statistics, and int32 words, one row of

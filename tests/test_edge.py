@@ -16,9 +16,6 @@ import keras_coherence  # noqa: F401  (Keras 2 policy first)
 from keras_coherence._keras import keras
 from keras_coherence.binary import export_training, models
 
-# one xdist worker for the whole module: its module fixtures are built once (Makefile)
-pytestmark = pytest.mark.xdist_group("test_edge")
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH = 16
 

@@ -24,9 +24,6 @@ from keras_coherence.binary import export_training, models
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from test_edge import BATCH, _task  # the same separable 3-class task
 
-# one xdist worker for the whole module: its module fixtures are built once (Makefile)
-pytestmark = pytest.mark.xdist_group("test_edge_faults")
-
 N_TRAIN = 96
 
 

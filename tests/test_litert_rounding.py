@@ -14,9 +14,6 @@ from keras_coherence.quantization import quantize_model
 from keras_coherence.quantization.export import run_tflite, tflite_output_step, to_tflite
 from keras_coherence.quantization.litert import _requantize_tf, litert_rounding, quantize_multiplier, requantize
 
-# one xdist worker for the whole module: its module fixtures are built once (Makefile)
-pytestmark = pytest.mark.xdist_group("test_litert_rounding")
-
 
 def test_quantize_multiplier_by_hand():
     # 0.25108808 = 0.50217616 * 2**-1 -> q31 = round(0.50217616 * 2**31)

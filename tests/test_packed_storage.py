@@ -10,9 +10,6 @@ import pytest
 
 from keras_coherence._keras import tf
 
-# one xdist worker for the whole module: its module fixtures are built once (Makefile)
-pytestmark = pytest.mark.xdist_group("test_packed_storage")
-
 WORDS = 6  # 6 x 32 signs
 
 

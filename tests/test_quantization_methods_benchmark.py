@@ -9,9 +9,6 @@ import os
 import numpy as np
 import pytest
 
-# one xdist worker for the whole module: its module fixtures are built once (Makefile)
-pytestmark = pytest.mark.xdist_group("test_quantization_methods_benchmark")
-
 _PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
                      "quantization_methods.py")
 

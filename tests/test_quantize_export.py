@@ -27,9 +27,6 @@ from keras_coherence.quantization import (
 from keras_coherence.quantization import export as q_export
 from keras_coherence.quantization import qat as q_qat
 
-# one xdist worker for the whole module: its module fixtures are built once (Makefile)
-pytestmark = pytest.mark.xdist_group("test_quantize_export")
-
 N_PARITY = 200
 
 
