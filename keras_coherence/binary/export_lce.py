@@ -26,6 +26,7 @@ import time
 import numpy as np
 
 from keras_coherence._keras import keras, tf
+from keras_coherence._tflite import inference_function, variables_root
 
 __all__ = ["larq_inference_model", "to_lce", "to_float_tflite", "lce_predict", "lce_latency",
            "tflite_ops", "non_builtin_ops", "LceReport", "compare", "check_lce_exportable",
@@ -179,9 +180,8 @@ def to_lce(model):
 
 def to_float_tflite(model):
     """The same network as a float TFLite file (builtin ops, no optimizations)."""
-    specs = [tf.TensorSpec([None] + t.shape.as_list()[1:], t.dtype) for t in model.inputs]
-    serve = tf.function(lambda *xs: model(list(xs) if len(xs) > 1 else xs[0], training=False))
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([serve.get_concrete_function(*specs)], model)
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([inference_function(model)],
+                                                                variables_root(model.variables))
     return converter.convert()
 
 

@@ -32,10 +32,12 @@ converter or the result needs a non-builtin op, ``ValueError`` names it.
 import os
 import re
 import tempfile
+import types
 
 import numpy as np
 
 from keras_coherence._keras import tf
+from keras_coherence._tflite import variables_root
 from keras_coherence.binary import ops
 from keras_coherence.binary.export_lce import non_builtin_ops
 
@@ -189,7 +191,8 @@ class TrainingModule(tf.Module):
         if len(model.inputs) != 1:
             raise ValueError(f"TrainingModule needs a single-input model; {model.name!r} has {len(model.inputs)}")
         check_trainable_on_device(model)
-        self._model = model  # not tracked: the SavedModel holds the variables only
+        # a plain holder: as an attribute of this tf.Module the Keras model would be tracked
+        self._keras = types.SimpleNamespace(model=model)
         self._hyper = (float(learning_rate), float(beta_1), float(beta_2), float(epsilon))
         self._clip = bool(clip_binary_kernels)
         variables = keras_state(model)
@@ -209,22 +212,22 @@ class TrainingModule(tf.Module):
         features = model.inputs[0].shape.as_list()[1:]
         x_spec = tf.TensorSpec([batch_size] + features, tf.float32, name="x")
         y_spec = tf.TensorSpec([batch_size], tf.int32, name="y")
-        self.train = tf.function(self._train, input_signature=[x_spec, y_spec])
-        self.infer = tf.function(self._infer, input_signature=[tf.TensorSpec([None] + features, tf.float32, name="x")])
-        self.get_weights = tf.function(self._get_weights, input_signature=[])
+        self.train = tf.function(self._train, autograph=False, input_signature=[x_spec, y_spec])
+        self.infer = tf.function(self._infer, autograph=False, input_signature=[tf.TensorSpec([None] + features, tf.float32, name="x")])
+        self.get_weights = tf.function(self._get_weights, autograph=False, input_signature=[])
         set_specs = [tf.TensorSpec(self.state[n].shape, tf.float32, name=n) for n in self.state_names]
-        self.set_weights = tf.function(self._set_weights, input_signature=set_specs)
+        self.set_weights = tf.function(self._set_weights, autograph=False, input_signature=set_specs)
 
     @property
     def model(self):
-        return self._model
+        return self._keras.model
 
     def _train(self, x, y):
         lr, beta_1, beta_2, epsilon = self._hyper
         s = self.state
         params = [s[n] for n in self.trainable_names]
         with ops.scratch_budget(self.scratch_bytes), tf.GradientTape() as tape:
-            loss = softmax_cross_entropy(self._model(x, training=True), y)
+            loss = softmax_cross_entropy(self.model(x, training=True), y)
             grads = tape.gradient(loss, params)
         step = s["adam_step"].assign_add(1.0)
         alpha = lr * tf.sqrt(1.0 - tf.pow(beta_2, step)) / (1.0 - tf.pow(beta_1, step))
@@ -246,7 +249,7 @@ class TrainingModule(tf.Module):
         return {"loss": loss}
 
     def _infer(self, x):
-        return {"logits": self._model(x, training=False)}
+        return {"logits": self.model(x, training=False)}
 
     def _get_weights(self):
         return {n: tf.identity(self.state[n]) for n in self.state_names}
@@ -287,7 +290,7 @@ def to_tflite(module):
         path = os.path.join(tmp, "saved_model")
         signatures = {k: f.get_concrete_function() for k, f in module.signatures().items()}
         # the signatures' own gradients are not needed (and would be traced again)
-        tf.saved_model.save(module, path, signatures=signatures,
+        tf.saved_model.save(variables_root(module.tracked_variables), path, signatures=signatures,
                             options=tf.saved_model.SaveOptions(experimental_custom_gradients=False))
         converter = tf.lite.TFLiteConverter.from_saved_model(path, signature_keys=list(signatures))
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]

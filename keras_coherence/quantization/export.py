@@ -17,6 +17,7 @@ import dataclasses
 import numpy as np
 
 from keras_coherence._keras import tf
+from keras_coherence._tflite import inference_function, variables_root
 from keras_coherence.quantization import qat
 
 __all__ = ["IntegerKernel", "integer_weights", "to_tflite", "tflite_kernels", "tflite_output_step", "run_tflite"]
@@ -254,20 +255,11 @@ def _export_mode(kernels):
 
 
 def _convert(model, kernels, representative_data):
-    """Traces ``model(x, training=False)`` in export mode and converts it.
-
-    The converter saves its trackable object as a SavedModel first, tracing the
-    functions it holds again: it gets a ``tf.Module`` holding only the model's
-    variables (given the Keras model it would trace every layer's training and
-    inference calls, PO2 exponent searches included: many times slower than the
-    conversion itself), and the tracing stays in export mode throughout.
-    """
-    specs = [tf.TensorSpec([None] + t.shape.as_list()[1:], t.dtype) for t in model.inputs]
-    holder = tf.Module()
-    holder.model_variables = list(model.variables)
-    serve = tf.function(lambda *xs: model(list(xs) if len(xs) > 1 else xs[0], training=False), autograph=False)
+    """Traces ``model(x, training=False)`` in export mode and converts it; the
+    tracing stays in export mode throughout, the converter's own included."""
     with _export_mode(kernels):
-        converter = tf.lite.TFLiteConverter.from_concrete_functions([serve.get_concrete_function(*specs)], holder)
+        converter = tf.lite.TFLiteConverter.from_concrete_functions([inference_function(model)],
+                                                                    variables_root(model.variables))
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         if representative_data is not None:
             # With calibration data the converter can be told to accept int8 kernels only.
