@@ -39,3 +39,13 @@ if tf.keras.Model is not keras.Model:  # pragma: no cover - defensive
     raise ImportError(_HOW_TO_FIX)
 
 __all__ = ["keras", "tf"]
+
+
+def in_output_shape_inference():
+    """True while tf_keras builds a functional model and calls a layer only to learn its
+    output's shape and dtype: the call runs in a throw-away graph that tf_keras names
+    ``<layer name>_scratch_graph`` (``Layer._infer_output_signature`` and
+    ``compute_output_shape``). What a layer computes there is discarded, so an
+    expensive exact computation (a PO2 exponent search) may skip it there."""
+    graph = tf.compat.v1.get_default_graph()
+    return not tf.executing_eagerly() and graph.name.endswith("_scratch_graph")

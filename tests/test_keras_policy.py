@@ -34,3 +34,35 @@ def test_env_var_asking_for_keras3_is_a_clear_error():
 def test_env_var_set_before_tensorflow_is_accepted():
     proc = _run("import tensorflow\nimport keras_coherence\nprint('ok')", TF_USE_LEGACY_KERAS="1")
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_output_shape_inference_is_detected_only_where_tf_keras_discards_the_call():
+    """``in_output_shape_inference`` is True in the throw-away call tf_keras makes while
+    building a functional model (and in ``compute_output_shape``), never in a call whose
+    result is used: eager, a traced tf.function, predict, fit."""
+    import numpy as np
+
+    import keras_coherence  # noqa: F401
+    from keras_coherence._keras import in_output_shape_inference, keras, tf
+
+    seen = []
+
+    class Probe(keras.layers.Layer):
+        def call(self, x):
+            seen.append(in_output_shape_inference())
+            return x * 2.0
+
+    inp = keras.Input((3,))
+    probe = Probe()
+    model = keras.Model(inp, probe(inp))  # functional construction
+    assert seen == [True]
+    probe.compute_output_shape((None, 3))
+    assert seen[-1] is True
+    x = np.ones((2, 3), np.float32)
+    seen.clear()
+    np.testing.assert_array_equal(model(x).numpy(), 2 * x)  # eager
+    tf.function(lambda t: model(t))(x)  # traced
+    model.predict(x, verbose=0)
+    model.compile("sgd", "mse")
+    model.fit(x, x, verbose=0)
+    assert seen and not any(seen), seen

@@ -35,7 +35,7 @@ from tensorflow_model_optimization.python.core.quantization.keras.quantize_layou
     QuantizeLayoutTransform as _QuantizeLayoutTransform,
 )
 
-from keras_coherence._keras import keras, tf
+from keras_coherence._keras import in_output_shape_inference, keras, tf
 from keras_coherence.quantization import folding
 from keras_coherence.quantization import quantizers as _quantizers
 from keras_coherence.quantization.base import PO2Quantizer
@@ -121,6 +121,10 @@ class PO2KernelQuantizer(TFMOTQuantizer):
 
     @tf.autograph.experimental.do_not_convert  # plain TF code; autograph would only slow tracing
     def __call__(self, inputs, training, weights, **kwargs):
+        if in_output_shape_inference():
+            # tf_keras only wants the shape here; the exponent search's graph (both
+            # training branches, in every clone quantize_model makes) took most of its time
+            return tf.identity(inputs)
         if not isinstance(training, (bool, int)):  # tfmot passes Python bools; be safe with tensors
             return tf.__internal__.smart_cond.smart_cond(
                 training, lambda: self(inputs, True, weights), lambda: self(inputs, False, weights)
