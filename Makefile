@@ -21,12 +21,11 @@ demo: $(STAMP)
 # end; with --dist loadfile one worker was left alone with the heaviest files. A module
 # fixture whose tests land on both workers is built twice, which costs far less.
 test: $(STAMP)
-	$(PY) -m pytest -q -n auto --dist worksteal -m "not device_export" tests
+	$(PY) -m pytest -q -n auto --dist worksteal tests
 
-# The on-device training exports of issue 11 (builtin-only op codes of every model,
+# Only the on-device training exports (builtin-only op codes of every model,
 # standard_device and low-memory; Keras <-> LiteRT step parity; the device memory
-# layout against real exports): about 4 minutes more on 2 cores, which would take
-# `make test` past its 10-minute budget.
+# layout against real exports), which `make test` runs too.
 test-device: $(STAMP)
 	$(PY) -m pytest -q -n auto --dist worksteal -m device_export tests
 
