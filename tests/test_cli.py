@@ -140,10 +140,16 @@ def test_demo_writes_its_sections(tmp_path, capsys, monkeypatch):
     assert summary["m_coherence"]["last"]["step"] == summary["training"]["steps"]
     _assert_png(out / "coherence" / "coherence.png")
     _assert_png(out / "aggregation" / "aggregation.png")
-    assert json.loads((out / "quantization" / "summary.json").read_text())["command"] == "quantize"
-    assert json.loads((out / "bnn" / "summary.json").read_text())["command"] == "bnn"
+    quantization = json.loads((out / "quantization" / "summary.json").read_text())
+    assert quantization["command"] == "quantize" and quantization["data"]["num_train"] == 128
+    assert quantization["quantization"]["method"] == "msqe" and quantization["tflite"]["all_scales_po2"]
+    bnn = json.loads((out / "bnn" / "summary.json").read_text())
+    assert bnn["command"] == "bnn" and bnn["model"]["method"] == "low_memory" and bnn["training"]["epochs"] == 1
+    assert bnn["device"]["steps"] == 1 and (out / "bnn" / "export" / "model_train.tflite").is_file()
     printed = capsys.readouterr().out
     assert "demo finished" in printed and f"results in {out}/" in printed
+    # each section's own line (the --only runs are tested with the aggregation section)
+    assert "PO2 scales all exact" in printed and "device loss" in printed
     assert not [name for name in os.listdir(tmp_path) if name.startswith(".")]  # staging folder gone
 
 

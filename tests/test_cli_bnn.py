@@ -273,13 +273,3 @@ def test_bad_arguments_exit_2_with_one_line(extra, fragment, capsys, tmp_path):
 def test_bnn_help(capsys):
     assert_help_lists(capsys, cli.main, "bnn", ("--method", "--optimizer", "--export", "--device-steps", "low_memory_po2",
                                                 "resnet_e18", "--no-device-export"), absent=("--label-noise",))
-
-
-def test_demo_bnn_section(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "_DEMO_BNN", dict(cli._DEMO_BNN, hidden=(16,), max_train=256, batch_size=64, epochs=1))
-    assert cli.main(["demo", "--only", "bnn", "--out", str(tmp_path), "--quiet"]) == 0
-    summary = json.loads((tmp_path / "bnn" / "summary.json").read_text())
-    assert summary["model"]["method"] == "low_memory" and summary["training"]["epochs"] == 1
-    assert summary["device"]["steps"] == 3 and (tmp_path / "bnn" / "export" / "model_train.tflite").is_file()
-    printed = capsys.readouterr().out
-    assert "bnn" in printed and "device loss" in printed and "demo finished" in printed

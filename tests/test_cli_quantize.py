@@ -159,17 +159,6 @@ def test_quantize_help(capsys):
     assert_help_lists(capsys, cli.main, "quantize", ("--bits", "--method", "--float-epochs", "--qat-epochs", "tfmot8", "mobilenet_v2"), absent=("--label-noise",))
 
 
-def test_demo_quantization_section(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "_DEMO_QUANTIZATION", dict(cli._DEMO_QUANTIZATION, hidden=(8,), max_train=128,
-                                                        float_epochs=1, batch_size=64))
-    assert cli.main(["demo", "--only", "quantization", "--out", str(tmp_path), "--quiet"]) == 0
-    summary = json.loads((tmp_path / "quantization" / "summary.json").read_text())
-    assert summary["data"]["num_train"] == 128 and summary["quantization"]["method"] == "msqe"
-    assert summary["tflite"]["all_scales_po2"]
-    printed = capsys.readouterr().out
-    assert "quantization" in printed and "PO2 scales all exact" in printed and "demo finished" in printed
-
-
 # ------------------------------------------------------------------------ models
 
 
