@@ -50,3 +50,17 @@ def layer_map(model, prefix=""):
             for v in layer.trainable_weights:
                 out[id(v)] = prefix + layer.name
     return out
+
+
+def tape_grads(fn, x, w, seed=1):
+    """``(out, dL/dx, dL/dw, g)`` of ``out = fn(x, w)`` for ``L = sum(out * g)``, ``g`` a
+    fixed standard-normal draw (numpy seed ``seed``) of ``out``'s shape."""
+    x = tf.constant(x, tf.float32)
+    w = tf.Variable(w, dtype=tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        out = fn(x, w)
+        g = tf.constant(np.random.default_rng(seed).normal(size=out.shape), tf.float32)
+        loss = tf.reduce_sum(out * g)
+    dx, dw = tape.gradient(loss, [x, w])
+    return out.numpy(), dx.numpy(), dw.numpy(), g.numpy()

@@ -15,6 +15,7 @@ from keras_coherence.binary import config as C
 from keras_coherence.binary import layers as bl
 from keras_coherence.binary import models as bm
 from keras_coherence.binary import ops
+from reference import tape_grads
 
 tf, keras = kc.tf, kc.keras
 
@@ -25,19 +26,6 @@ OFF = C.LowMemoryConfig(binary_activation_retention=False, l1_batchnorm=False,
 
 def _rng(seed=0):
     return np.random.default_rng(seed)
-
-
-def _grads(fn, x, w, seed=1):
-    """``(out, dL/dx, dL/dw)`` for ``L = sum(out * g)`` with a fixed random ``g``."""
-    x = tf.constant(x, tf.float32)
-    w = tf.Variable(w, dtype=tf.float32)
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        out = fn(x, w)
-        g = tf.constant(_rng(seed).normal(size=out.shape), tf.float32)
-        loss = tf.reduce_sum(out * g)
-    dx, dw = tape.gradient(loss, [x, w])
-    return out.numpy(), dx.numpy(), dw.numpy(), g.numpy()
 
 
 def _np_sign(a):
@@ -81,8 +69,8 @@ def test_config_validation_and_methods():
 def test_dense_everything_off_equals_ste_autodiff(first_layer):
     x = _rng(0).normal(size=(5, 7)) * 1.5
     w = _rng(1).normal(size=(7, 3)) * 0.9
-    ours = _grads(lambda a, b: ops.binary_matmul(a, b, OFF, first_layer), x, w)
-    ref = _grads(lambda a, b: _ste_reference(a, b, first_layer), x, w)
+    ours = tape_grads(lambda a, b: ops.binary_matmul(a, b, OFF, first_layer), x, w)
+    ref = tape_grads(lambda a, b: _ste_reference(a, b, first_layer), x, w)
     for a, b in zip(ours, ref):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
@@ -92,7 +80,7 @@ def test_dense_retention_matches_numpy_formula_from_signs():
                             latent_weights="float32", l1_batchnorm=False)
     x = (_rng(0).normal(size=(6, 5)) * 1.5).astype(np.float32)
     w = (_rng(1).normal(size=(5, 4)) * 0.9).astype(np.float32)
-    z, dx, dw, g = _grads(lambda a, b: ops.binary_matmul(a, b, cfg), x, w)
+    z, dx, dw, g = tape_grads(lambda a, b: ops.binary_matmul(a, b, cfg), x, w)
     sx, sw = _np_sign(x), _np_sign(w)
     np.testing.assert_allclose(z, sx @ sw, atol=1e-5)
     np.testing.assert_allclose(dx, (g @ sw.T) * (np.abs(x) <= 1), atol=1e-5)
@@ -103,7 +91,7 @@ def test_dense_binarized_weight_grads_fp16_activation_grads():
     cfg = C.LowMemoryConfig(latent_weights="float32")
     x = (_rng(0).normal(size=(6, 5)) * 1.5).astype(np.float32)
     w = (_rng(1).normal(size=(5, 4)) * 0.9).astype(np.float32)
-    _, dx, dw, g = _grads(lambda a, b: ops.binary_matmul(a, b, cfg), x, w)
+    _, dx, dw, g = tape_grads(lambda a, b: ops.binary_matmul(a, b, cfg), x, w)
     g16 = g.astype(np.float16).astype(np.float32)
     sx, sw = _np_sign(x), _np_sign(w)
     np.testing.assert_allclose(dx, (g16 @ sw.T) * (np.abs(x) <= 1), atol=1e-5)
@@ -114,7 +102,7 @@ def test_dense_binarized_weight_grads_fp16_activation_grads():
 def test_float16_latent_weights_round_forward_and_gradient():
     cfg = C.LowMemoryConfig(binarize_weight_grads=False, activation_grad="float32")
     w = np.array([[1.0 + 2 ** -12, -0.3]], np.float32)   # rounds to 1.0 in float16
-    _, _, dw, g = _grads(lambda a, b: ops.binary_matmul(a, b, cfg, first_layer=True),
+    _, _, dw, g = tape_grads(lambda a, b: ops.binary_matmul(a, b, cfg, first_layer=True),
                          np.array([[0.1234567]], np.float32), w)
     # |w16| <= 1 -> the STE mask passes the first entry; float32 would block it
     expected = (np.float32(0.1234567) * g).astype(np.float16).astype(np.float32)
@@ -149,7 +137,7 @@ def test_po2_activation_gradients_in_dense():
                             latent_weights="float32")
     x = (_rng(0).normal(size=(6, 5)) * 1.5).astype(np.float32)
     w = (_rng(1).normal(size=(5, 4)) * 0.9).astype(np.float32)
-    _, dx, dw, g = _grads(lambda a, b: ops.binary_matmul(a, b, cfg), x, w)
+    _, dx, dw, g = tape_grads(lambda a, b: ops.binary_matmul(a, b, cfg), x, w)
     gq = _np_po2(g).astype(np.float32)
     np.testing.assert_allclose(dx, (gq @ _np_sign(w).T) * (np.abs(x) <= 1), rtol=1e-5)
     np.testing.assert_allclose(dw, (_np_sign(x).T @ gq) * (np.abs(w) <= 1), rtol=1e-5)
@@ -170,9 +158,9 @@ def test_conv_everything_off_equals_ste_autodiff(size, k, stride, padding, first
         aq = a if first_layer else lq.quantizers.SteSign()(a)
         return tf.nn.conv2d(aq, lq.quantizers.SteSign()(b), stride, padding)
 
-    ours = _grads(lambda a, b: ops.binary_conv2d(a, b, stride, padding, OFF, first_layer),
+    ours = tape_grads(lambda a, b: ops.binary_conv2d(a, b, stride, padding, OFF, first_layer),
                   x, w)
-    for a, b in zip(ours, _grads(ref, x, w)):
+    for a, b in zip(ours, tape_grads(ref, x, w)):
         np.testing.assert_allclose(a, b, atol=2e-5)
 
 
@@ -190,9 +178,9 @@ def test_dilated_conv_equals_ste_autodiff(size, k, dilation, padding, first_laye
         return tf.nn.convolution(aq, lq.quantizers.SteSign()(b), padding=padding,
                                  dilations=dilation)
 
-    ours = _grads(lambda a, b: ops.binary_conv2d(a, b, 1, padding, OFF, first_layer,
+    ours = tape_grads(lambda a, b: ops.binary_conv2d(a, b, 1, padding, OFF, first_layer,
                                                  dilations=dilation), x, w)
-    for a, b in zip(ours, _grads(ref, x, w)):
+    for a, b in zip(ours, tape_grads(ref, x, w)):
         np.testing.assert_allclose(a, b, atol=2e-5)
 
 
@@ -286,8 +274,8 @@ def test_conv_low_memory_weight_grad_is_binarized():
     cfg = C.LowMemoryConfig(latent_weights="float32", activation_grad="float32")
     x = _rng(0).normal(size=(2, 6, 6, 3)) * 1.5
     w = _rng(1).normal(size=(3, 3, 3, 4)) * 0.9
-    ref = _grads(lambda a, b: ops.binary_conv2d(a, b, 1, "SAME", OFF), x, w)
-    _, dx, dw, _ = _grads(lambda a, b: ops.binary_conv2d(a, b, 1, "SAME", cfg), x, w)
+    ref = tape_grads(lambda a, b: ops.binary_conv2d(a, b, 1, "SAME", OFF), x, w)
+    _, dx, dw, _ = tape_grads(lambda a, b: ops.binary_conv2d(a, b, 1, "SAME", cfg), x, w)
     np.testing.assert_allclose(dx, ref[1], atol=2e-5)
     inside = np.abs(w) <= 1      # the float reference is already masked: zero outside
     expected = _np_sign(ref[2]) / math.sqrt(w.size) * inside

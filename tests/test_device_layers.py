@@ -244,28 +244,11 @@ def test_standard_device_computes_the_standard_step(build):
 
 
 # ------------------------------------------------------------------ TFLite training export
-def _mini_resnet_e18(method="standard_device", width=4):
-    """ResNetE-18 cut to one unit of each kind, built with the blocks ``models.resnet_e18``
-    uses: the stem (7x7/2 conv + BN + ReLU + 3x3/2 max pool), an identity-shortcut binary
-    unit, a downsampling unit (stride-2 binary conv, shortcut 2x2 average pool + 1x1 conv +
-    BN), the head (ReLU, global average pool, dense). The TFLite conversion's time grows
-    with the number of ops (the full model's 16 binary units: ~75 s), not with the widths."""
-    b = bm._Blocks(method)
-    inputs = keras.Input((32, 32, 3), name="input")
-    h = b.real_conv(inputs, width, 7, "stem_conv", strides=2, padding="same")
-    h = b.relu(b.batch_norm(h, "stem_bn", binary=False), "stem_relu")
-    h = b.real_max_pool(h, 3, 2, "same", "stem_pool")
-    for prefix, filters, down in [("unit1", width, False), ("unit2", 2 * width, True)]:
-        y = b.conv(h, filters, 3, prefix, strides=2 if down else 1, padding="same")
-        y = b.batch_norm(y, f"{prefix}_bn")
-        shortcut = h
-        if down:
-            shortcut = b.avg_pool(h, 2, f"{prefix}_sc_pool")
-            shortcut = b.real_conv(shortcut, filters, 1, f"{prefix}_sc_conv")
-            shortcut = b.batch_norm(shortcut, f"{prefix}_sc_bn", binary=False)
-        h = keras.layers.Add(name=f"{prefix}_add")([y, shortcut])
-    h = keras.layers.GlobalAveragePooling2D(name="head_pool")(b.relu(h, "head_relu"))
-    return keras.Model(inputs, keras.layers.Dense(10, name="logits")(h), name="mini_resnet_e18")
+def _mini_resnet_e18(method="standard_device"):
+    """ResNetE-18 cut to one unit of each kind (the stem, an identity-shortcut unit, a
+    downsampling unit, the head). The TFLite conversion's time grows with the number of
+    ops (the full model's 16 binary units: ~75 s), not with the widths."""
+    return bm.resnet_e18((32, 32, 3), 10, method=method, width=4, units_per_stage=(1, 1))
 
 
 # one conversion per model in this file (each ~6-20 s of MLIR work), shared by the tests
@@ -305,6 +288,16 @@ def test_mini_resnet_has_every_layer_kind_of_resnet_e18():
     kinds = lambda m: {(type(l).__name__, getattr(l, "strides", None), getattr(l, "padding", None))
                        for l in m.layers}
     assert kinds(mini) == kinds(full)
+    binary_units = lambda m: [l.name for l in m.layers if l.name.endswith("_add")]
+    assert binary_units(mini) == ["stage1_block1_conv1_add", "stage2_block1_conv1_add"]
+    # the full model keeps larq-zoo's unit names, a downsampling shortcut opening stages 2-4
+    assert binary_units(full) == [f"stage{s}_block{b}_conv{u}_add" for s in range(1, 5) for b in (1, 2)
+                                  for u in (1, 2)]
+    assert [l.name for l in full.layers if l.name.endswith("_sc_conv")] == [
+        f"stage{s}_block1_conv1_sc_conv" for s in (2, 3, 4)]
+    for bad in ((), (1, 0), (2.5,), (True,)):
+        with pytest.raises(ValueError, match="units_per_stage"):
+            bm.resnet_e18((32, 32, 3), 10, units_per_stage=bad)
 
 
 @pytest.mark.device_export

@@ -241,7 +241,8 @@ def binarynet(input_shape: Sequence[int] = (32, 32, 3), num_classes: int = 10,
 
 
 def resnet_e18(input_shape: Sequence[int] = (224, 224, 3), num_classes: int = 1000,
-               method="standard", width: int = 64, name: str = "resnet_e18") -> keras.Model:
+               method="standard", width: int = 64, name: str = "resnet_e18",
+               units_per_stage: Sequence[int] = (4, 4, 4, 4)) -> keras.Model:
     """ResNetE-18 (Bethge et al.; larq-zoo's ``BinaryResNetE18`` topology).
 
     Real stem: 7x7/2 conv ``width`` + BN + ReLU + 3x3/2 max pool. Then 4 stages x 2
@@ -250,6 +251,10 @@ def resnet_e18(input_shape: Sequence[int] = (224, 224, 3), num_classes: int = 10
     halves the resolution and doubles the width). Head: ReLU, global average pool, real
     dense logits. Binary units are named ``stage{s}_block{b}_conv{u}``.
 
+    ``units_per_stage`` cuts or deepens the stages (``(1, 1)``: one identity unit and
+    one downsampling unit, every layer kind of the full model in a fraction of its
+    conversion time).
+
     With any method but ``"standard"``, the real layers are the device layers of
     :mod:`keras_coherence.binary.layers` (same weights and names), so the whole
     training step lowers to TFLite builtins.
@@ -257,26 +262,30 @@ def resnet_e18(input_shape: Sequence[int] = (224, 224, 3), num_classes: int = 10
     shape, num_classes = _image_shape("resnet_e18", input_shape, num_classes, 32)
     if isinstance(width, bool) or not isinstance(width, numbers.Integral) or width < 1:
         raise ValueError(f"width={width!r} must be a positive integer.")
+    units_per_stage = tuple(units_per_stage)
+    if not units_per_stage or any(isinstance(u, bool) or not isinstance(u, numbers.Integral) or u < 1
+                                  for u in units_per_stage):
+        raise ValueError(f"units_per_stage={units_per_stage!r} must be a non-empty sequence of "
+                         "positive integers (ResNetE-18: (4, 4, 4, 4)).")
     b = _Blocks(method)
     inputs = keras.Input(shape, name="input")
     h = b.real_conv(inputs, width, 7, "stem_conv", strides=2, padding="same")
     h = b.batch_norm(h, "stem_bn", binary=False)
     h = b.relu(h, "stem_relu")
     h = b.real_max_pool(h, 3, 2, "same", "stem_pool")
-    for stage in range(4):
-        for block in range(2):
-            for unit in range(2):
-                prefix = f"stage{stage + 1}_block{block + 1}_conv{unit + 1}"
-                down = stage > 0 and block == 0 and unit == 0
-                filters = width * 2 ** stage
-                y = b.conv(h, filters, 3, prefix, strides=2 if down else 1, padding="same")
-                y = b.batch_norm(y, f"{prefix}_bn")
-                shortcut = h
-                if down:
-                    shortcut = b.avg_pool(h, 2, f"{prefix}_sc_pool")
-                    shortcut = b.real_conv(shortcut, filters, 1, f"{prefix}_sc_conv")
-                    shortcut = b.batch_norm(shortcut, f"{prefix}_sc_bn", binary=False)
-                h = keras.layers.Add(name=f"{prefix}_add")([y, shortcut])
+    for stage, units in enumerate(units_per_stage):
+        for unit in range(units):
+            prefix = f"stage{stage + 1}_block{unit // 2 + 1}_conv{unit % 2 + 1}"
+            down = stage > 0 and unit == 0
+            filters = width * 2 ** stage
+            y = b.conv(h, filters, 3, prefix, strides=2 if down else 1, padding="same")
+            y = b.batch_norm(y, f"{prefix}_bn")
+            shortcut = h
+            if down:
+                shortcut = b.avg_pool(h, 2, f"{prefix}_sc_pool")
+                shortcut = b.real_conv(shortcut, filters, 1, f"{prefix}_sc_conv")
+                shortcut = b.batch_norm(shortcut, f"{prefix}_sc_bn", binary=False)
+            h = keras.layers.Add(name=f"{prefix}_add")([y, shortcut])
     h = b.relu(h, "head_relu")
     h = keras.layers.GlobalAveragePooling2D(name="head_pool")(h)
     outputs = keras.layers.Dense(num_classes, name="logits")(h)
