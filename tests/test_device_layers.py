@@ -295,7 +295,7 @@ def test_mini_resnet_has_every_layer_kind_of_resnet_e18():
                                   for u in (1, 2)]
     assert [l.name for l in full.layers if l.name.endswith("_sc_conv")] == [
         f"stage{s}_block1_conv1_sc_conv" for s in (2, 3, 4)]
-    for bad in ((), (1, 0), (2.5,), (True,)):
+    for bad in ((), (1, 0), (2.5,), (True,), 2, "22"):
         with pytest.raises(ValueError, match="units_per_stage"):
             bm.resnet_e18((32, 32, 3), 10, units_per_stage=bad)
 

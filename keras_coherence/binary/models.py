@@ -262,10 +262,9 @@ def resnet_e18(input_shape: Sequence[int] = (224, 224, 3), num_classes: int = 10
     shape, num_classes = _image_shape("resnet_e18", input_shape, num_classes, 32)
     if isinstance(width, bool) or not isinstance(width, numbers.Integral) or width < 1:
         raise ValueError(f"width={width!r} must be a positive integer.")
-    units_per_stage = tuple(units_per_stage)
-    if not units_per_stage or any(isinstance(u, bool) or not isinstance(u, numbers.Integral) or u < 1
-                                  for u in units_per_stage):
-        raise ValueError(f"units_per_stage={units_per_stage!r} must be a non-empty sequence of "
+    units = tuple(units_per_stage) if isinstance(units_per_stage, (list, tuple)) else ()
+    if not units or any(isinstance(u, bool) or not isinstance(u, numbers.Integral) or u < 1 for u in units):
+        raise ValueError(f"units_per_stage={units_per_stage!r} must be a non-empty list or tuple of "
                          "positive integers (ResNetE-18: (4, 4, 4, 4)).")
     b = _Blocks(method)
     inputs = keras.Input(shape, name="input")
@@ -273,8 +272,8 @@ def resnet_e18(input_shape: Sequence[int] = (224, 224, 3), num_classes: int = 10
     h = b.batch_norm(h, "stem_bn", binary=False)
     h = b.relu(h, "stem_relu")
     h = b.real_max_pool(h, 3, 2, "same", "stem_pool")
-    for stage, units in enumerate(units_per_stage):
-        for unit in range(units):
+    for stage, count in enumerate(units):
+        for unit in range(count):
             prefix = f"stage{stage + 1}_block{unit // 2 + 1}_conv{unit % 2 + 1}"
             down = stage > 0 and unit == 0
             filters = width * 2 ** stage
