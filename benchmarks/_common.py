@@ -87,3 +87,30 @@ def print_load(start):
     load1 = os.getloadavg()
     print(f"\nload average {load0[0]:.2f} at start, {load1[0]:.2f} at end; "
           f"{time.perf_counter() - t_start:.0f} s in all")
+
+
+def litert_runner(fn, specs, feeds, folder, name, outputs):
+    """Converts ``fn`` (TensorSpecs ``specs``) with builtins only, opens it in LiteRT
+    without XNNPACK (as ``python -m edge train`` does) and returns a zero-argument
+    callable that feeds ``feeds`` (one array per spec, in order), invokes, and stores the
+    first output in ``outputs[name]``."""
+    from edge.runner import open_interpreter
+
+    concrete = tf.function(fn, input_signature=specs, autograph=False).get_concrete_function()
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete])
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    path = os.path.join(folder, f"{name}.tflite")
+    with open(path, "wb") as f:
+        f.write(converter.convert())
+    interp = open_interpreter(path)
+    interp.allocate_tensors()
+    inputs = sorted(interp.get_input_details(), key=lambda d: d["index"])
+    out = interp.get_output_details()[0]["index"]
+
+    def run():
+        for d, value in zip(inputs, feeds):
+            interp.set_tensor(d["index"], value)
+        interp.invoke()
+        outputs[name] = interp.get_tensor(out)
+
+    return run

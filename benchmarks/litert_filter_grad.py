@@ -3,13 +3,15 @@
 * ``conv``: ``ops.conv_filter_grad``, the batch-as-channel ``CONV_2D`` the device
   training export uses;
 * ``taps_fc``: one ``FULLY_CONNECTED`` per kernel tap, ``x`` sliced and transposed
-  times the transposed ``dz`` (``ops._fully_connected``, pinned transposes).
+  times the transposed ``dz`` (``ops._fully_connected``, pinned transposes);
+* ``tf_conv``: the ``conv`` graph run by TensorFlow itself (``--tf-threads``), the
+  reference for how fast LiteRT's builtin convolution is on this CPU.
 
 Each is converted alone and run in LiteRT without XNNPACK (as ``python -m edge train``
 opens a model), interleaved round by round; the outputs are checked against each other.
 Default shape: CNV's ``conv_2`` at batch 100 (``[100, 30, 30, 64]`` → ``[3, 3, 64, 64]``).
 
-    nice -n 19 .venv/bin/python benchmarks/litert_filter_grad.py [--batch 100] [--rounds 5]
+    nice -n 19 .venv/bin/python benchmarks/litert_filter_grad.py [--batch 100] [--rounds 5] [--tf-threads 1]
 """
 from __future__ import annotations
 
@@ -31,14 +33,17 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=30, help="input height and width")
     p.add_argument("--channels", type=int, default=64, help="input and output channels")
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--tf-threads", type=int, default=0,
+                   help="TensorFlow's intra- and inter-op threads for the tf_conv row (0: its choice)")
     args = p.parse_args(argv)
 
     import numpy as np
 
-    import keras_coherence  # noqa: F401  (Keras 2 first)
-    from edge.runner import open_interpreter
+    from _common import litert_runner, use_threads
     from keras_coherence._keras import tf
     from keras_coherence.binary import ops
+
+    use_threads(args.tf_threads)
 
     n, h, c, k = args.batch, args.size, args.channels, 3
     ho = h - k + 1
@@ -60,30 +65,18 @@ def main(argv=None):
     runners, outputs = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, fn in (("conv", conv), ("taps_fc", taps_fc)):
-            concrete = tf.function(fn, input_signature=specs, autograph=False).get_concrete_function()
-            converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete])
-            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-            path = os.path.join(tmp, f"{name}.tflite")
-            with open(path, "wb") as f:
-                f.write(converter.convert())
-            interp = open_interpreter(path)
-            interp.allocate_tensors()
-            inputs, out = interp.get_input_details(), interp.get_output_details()[0]["index"]
-
-            def run(interp=interp, inputs=inputs, out=out, name=name):
-                for d in inputs:
-                    interp.set_tensor(d["index"], x if d["shape"][1] == h else dz)
-                interp.invoke()
-                outputs[name] = interp.get_tensor(out)
-
-            runners[name] = run
+            runners[name] = litert_runner(fn, specs, (x, dz), tmp, name, outputs)
+        # the same graph as conv, run by TensorFlow (its CPU kernels, its threads)
+        tf_conv = tf.function(conv, input_signature=specs, autograph=False)
+        x_t, dz_t = tf.constant(x), tf.constant(dz)
+        runners["tf_conv"] = lambda: outputs.__setitem__("tf_conv", tf_conv(x_t, dz_t).numpy())
         samples = interleaved([Method(name, run) for name, run in runners.items()], rounds=args.rounds)
-    diff = float(np.abs(outputs["conv"] - outputs["taps_fc"]).max())
     scale = float(np.abs(outputs["conv"]).max())
+    diff = max(float(np.abs(outputs["conv"] - outputs[other]).max()) for other in ("taps_fc", "tf_conv"))
     if diff > 1e-4 * scale:
-        raise SystemExit(f"error: the two kernel gradients differ by {diff} (max |dW| {scale})")
-    for s in summarize(samples, {"taps_fc": "conv"}).values():
-        ratio = f"  {s.ratio:.2f}x conv" if s.ratio is not None else ""
+        raise SystemExit(f"error: the kernel gradients differ by {diff} (max |dW| {scale})")
+    for s in summarize(samples, {"taps_fc": "conv", "conv": "tf_conv"}).values():
+        ratio = f"  {s.ratio:.2f}x {'tf_conv' if s.name == 'conv' else 'conv'}" if s.ratio is not None else ""
         print(f"{s.name:8s} {s.median_ms:9.1f} ms{ratio}")
     print(f"max |difference| {diff:.2e} of max |dW| {scale:.2e}")
 

@@ -425,11 +425,16 @@ def test_device_layout_saved_tensors_are_the_exported_graphs(exported):
     predicted = sum((_kept_bytes(r.kept) for r in profile.rows), collections.Counter())
     assert found == predicted
     assert profile.totals()["saved_activations"] == 8 * sum(t["bytes"] for t in boundary)
-    # tensors named after a layer are among that row's kept tensors
+    # tensors named after a layer are among that row's kept tensors, or are its output
+    # kept by the next layer as its input (the converter names a tensor after its producer)
+    following = dict(zip(rows, list(rows.values())[1:]))
     for name, row in rows.items():
         own = collections.Counter((t["dtype"], t["bytes"]) for t in boundary
                                   if f"/{name}/" in t["name"])
-        assert not own - _kept_bytes(row.kept), (name, own, row.kept)
+        allowed = _kept_bytes(row.kept)
+        if name in following:
+            allowed = allowed + _kept_bytes(following[name].kept)
+        assert not own - allowed, (name, own, row.kept)
         kept = _kept_bytes(row.kept)
         assert row.saved_activations == 8 * sum(n * c for (_, n), c in kept.items())
 

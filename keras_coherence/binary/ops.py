@@ -90,7 +90,7 @@ def pack_bits(bits):
         return tf.reduce_sum(weighted, axis=-1)
 
     chunks = batch_chunks(bits.shape[0], 2 * 4 * 32 * words)
-    parts = [pack(bits[chunk]) for chunk in chunks]
+    parts = [pack(take(bits, chunk)) for chunk in chunks]
     return parts[0] if len(parts) == 1 else tf.concat(parts, 0)
 
 
@@ -111,18 +111,20 @@ def unpack_bits(words, shape):
         # (EXPAND_DIMS: a new axis by slicing is not a builtin when the batch is unknown)
         shifted = tf.bitwise.right_shift(tf.expand_dims(rows, -1), tf.range(32, dtype=tf.int32))
         flat = tf.reshape(tf.math.floormod(shifted, 2), [tf.shape(rows)[0], -1])
-        return tf.equal(flat[:, :per_example], 1)
+        if flat.shape[1] != per_example:  # the last word's padding bits
+            flat = tf.slice(flat, [0, 0], [-1, per_example])
+        return tf.equal(flat, 1)
 
     row_words = words.shape[1]
     chunks = batch_chunks(words.shape[0], 0 if row_words is None else 2 * 4 * 32 * int(row_words))
-    parts = [unpack(words[chunk]) for chunk in chunks]
+    parts = [unpack(take(words, chunk)) for chunk in chunks]
     return tf.reshape(parts[0] if len(parts) == 1 else tf.concat(parts, 0), shape)
 
 
 def _zero_from(t, dtype):
     """A zero of ``dtype`` computed from ``t``'s first value (``|t[0]| < 0`` is never
     true, NaN included), so that whatever adds it runs after ``t`` exists."""
-    first = tf.cast(tf.reshape(t, [-1])[:1], tf.float32)  # any dtype: words, indices
+    first = tf.cast(tf.slice(tf.reshape(t, [-1]), [0], [1]), tf.float32)  # any dtype: words, indices
     return tf.cast(tf.abs(first) < 0, dtype)
 
 
@@ -214,7 +216,7 @@ def _saved_input(x, config, first_layer):
     real input for a first layer; the packed sign and mask bits with
     ``binary_activation_retention`` (2 bits per element); else the float input."""
     if first_layer:
-        return x, lambda chunk, dz: (x[chunk], None), []
+        return x, lambda chunk, dz: (take(x, chunk), None), []
     if config is not None and config.binary_activation_retention:
         sign_words = pack_bits(x >= 0)           # 1 bit per element
         mask_words = pack_bits(tf.abs(x) <= 1.0)  # 1 bit per element
@@ -223,14 +225,14 @@ def _saved_input(x, config, first_layer):
         def restore(chunk, dz):
             n = dz.shape[0]
             part = [n if n is not None else -1] + list(shape[1:])
-            signs = unpack_bits(after(sign_words[chunk], dz), part)
-            mask = unpack_bits(after(mask_words[chunk], dz), part)
+            signs = unpack_bits(after(take(sign_words, chunk), dz), part)
+            mask = unpack_bits(after(take(mask_words, chunk), dz), part)
             return _sign_from_bits(signs, x.dtype), tf.cast(mask, x.dtype)
 
         return binary_sign(x), restore, [sign_words, mask_words]
 
     def restore_float(chunk, dz):
-        xc = after(x[chunk], dz)
+        xc = after(take(x, chunk), dz)
         return binary_sign(xc), tf.cast(tf.abs(xc) <= 1.0, x.dtype)
 
     return binary_sign(x), restore_float, []
@@ -312,6 +314,21 @@ def batch_chunks(batch, scratch_bytes_per_example):
         return [slice(None)]
     size = chunk_examples(batch, scratch_bytes_per_example, _SCRATCH_BUDGET[0])
     return [slice(i, min(i + size, batch)) for i in range(0, batch, size)]
+
+
+def take(t, chunk):
+    """``t[chunk]`` along the batch (a ``slice`` from :func:`batch_chunks`) as one ``SLICE``;
+    ``t`` itself for the whole batch.
+
+    ``t[a:b]`` converts to ``STRIDED_SLICE``, which LiteRT runs element by element in its
+    reference kernel; ``SLICE`` copies contiguous runs: cutting a ``[100, 30, 30, 64]``
+    tensor into 13 parts (and summing them) took 52 vs 8.5 ms as float32 and 50 vs 4.3 ms
+    as bool (``benchmarks/litert_slice.py``)."""
+    if chunk == slice(None):
+        return t
+    start, stop = chunk.start or 0, chunk.stop
+    rest = t.shape.rank - 1
+    return tf.slice(t, [start] + [0] * rest, [stop - start] + [-1] * rest)
 
 
 def conv_scratch_bytes(x_shape, kernel_shape, strides):
@@ -440,7 +457,7 @@ def conv_filter_grad(x, dz, ksize: Sequence[int], strides: Sequence[int], paddin
         out = tf.nn.convolution(xt, dzt, strides=1, padding="VALID", dilations=list(strides))
     else:  # taps ``dilation`` apart: a strided correlation (exactly kh x kw outputs)
         out = tf.nn.convolution(xt, dzt, strides=list(dilations), padding="VALID")
-    out = out[:, :kh, :kw, :]
+    out = tf.slice(out, [0, 0, 0, 0], [-1, kh, kw, -1])
     return tf.transpose(out, [1, 2, 0, 3])
 
 
@@ -515,7 +532,7 @@ def binary_conv2d(x, kernel, strides=(1, 1), padding="VALID",
         else:  # each chunk's input made when the previous chunk is done: not all at once
             parts = []
             for chunk in chunks:
-                x_part = x[chunk] if not parts else after(x[chunk], parts[-1])
+                x_part = take(x, chunk) if not parts else after(take(x, chunk), parts[-1])
                 parts.append(conv(x_part if first_layer else binary_sign(x_part), wb))
             z = tf.concat(parts, 0)
 
@@ -524,7 +541,7 @@ def binary_conv2d(x, kernel, strides=(1, 1), padding="VALID",
             wb_saved, w_mask = restore_kernel(dz)
             dxs, dw = [], None
             for chunk in batch_chunks(dz.shape[0], backward_scratch):
-                dz_part = dz[chunk]
+                dz_part = take(dz, chunk)
                 x_saved, mask = restore(chunk, dz_part)
                 dx = conv_input_grad(dz_part, wb_saved, x_shape, strides, padding, dilations)
                 dxs.append(dx if mask is None else dx * mask)
@@ -590,12 +607,14 @@ def l1_normalize(x, mean, sigma, config: LowMemoryConfig, beta=None):
 # --------------------------------------------------------------------------------------
 
 
-def _pad_or_crop(t, edges, value):
-    """Pads (positive) or crops (negative) the H and W axes of NHWC ``t`` by
+def pad_or_crop_hw(t, edges, value=0.0):
+    """Pads (positive) or crops (negative) the H and W axes of NHWC ``t`` (static H, W) by
     ``edges = ((top, bottom), (left, right))``, padding with ``value``."""
     crop = [(max(-a, 0), max(-b, 0)) for a, b in edges]
     if any(a or b for a, b in crop):
-        t = t[:, crop[0][0]:-crop[0][1] or None, crop[1][0]:-crop[1][1] or None, :]
+        h, w = int(t.shape[1]), int(t.shape[2])
+        t = tf.slice(t, [0, crop[0][0], crop[1][0], 0],
+                     [-1, h - crop[0][0] - crop[0][1], w - crop[1][0] - crop[1][1], -1])
     pad = [[0, 0]] + [[max(a, 0), max(b, 0)] for a, b in edges] + [[0, 0]]
     if any(a or b for a, b in pad):
         t = tf.pad(t, pad, constant_values=value)
@@ -646,7 +665,7 @@ def max_pool2d(x, pool_size: int, padding: str = "VALID"):
     def _op(x):
         y = tf.nn.max_pool2d(x, k, k, padding)
         # [B*Ho*Wo, k*k, C]: one row per window, its elements in row-major order
-        xw = _pad_or_crop(x, edges, x.dtype.min)
+        xw = pad_or_crop_hw(x, edges, x.dtype.min)
         windows = tf.reshape(tf.nn.space_to_depth(xw, k), [-1, k * k, channels])
         is_max = tf.equal(windows, tf.reshape(y, [-1, 1, channels]))
         first = tf.reduce_min(tf.where(is_max, window_index, k * k), axis=1)
@@ -660,7 +679,7 @@ def max_pool2d(x, pool_size: int, padding: str = "VALID"):
             dw = tf.where(hit, tf.reshape(dy, [-1, 1, channels]), tf.zeros([], dy.dtype))
             out_shape = tf.concat([tf.shape(dy)[:3], [k * k * channels]], 0)
             dx = tf.nn.depth_to_space(tf.reshape(dw, out_shape), k)
-            return _pad_or_crop(dx, [(-a, -b) for a, b in edges], 0.0)
+            return pad_or_crop_hw(dx, [(-a, -b) for a, b in edges], 0.0)
 
         return y, grad
 

@@ -114,15 +114,15 @@ def conv2d(x, kernel, strides=(1, 1), padding="VALID", dilations=(1, 1)):
 
     @tf.custom_gradient
     def _op(x, w):
-        parts = [conv(_take(x, c), w) for c in ops.batch_chunks(x.shape[0], forward_scratch)]
+        parts = [conv(ops.take(x, c), w) for c in ops.batch_chunks(x.shape[0], forward_scratch)]
         z = parts[0] if len(parts) == 1 else tf.concat(parts, 0)
 
         def grad(dz):
             dxs, dw = [], None
             for chunk in ops.batch_chunks(dz.shape[0], backward_scratch):
-                dz_part = _take(dz, chunk)
+                dz_part = ops.take(dz, chunk)
                 dxs.append(ops.conv_input_grad(dz_part, w, x_shape, strides, padding, dilations))
-                part = ops.conv_filter_grad(_take(x, chunk), dz_part, (kh, kw), strides, padding,
+                part = ops.conv_filter_grad(ops.take(x, chunk), dz_part, (kh, kw), strides, padding,
                                             dilations)
                 dw = part if dw is None else dw + part
             return (dxs[0] if len(dxs) == 1 else tf.concat(dxs, 0)), dw
@@ -130,11 +130,6 @@ def conv2d(x, kernel, strides=(1, 1), padding="VALID", dilations=(1, 1)):
         return z, grad
 
     return _op(x, kernel)
-
-
-def _take(t, chunk):
-    """``t[chunk]`` along the batch, ``t`` itself for the whole batch (no extra op)."""
-    return t if chunk == slice(None) else t[chunk]
 
 
 # --------------------------------------------------------------------------------------
@@ -250,19 +245,6 @@ def _from_channel_batch(t, height, width, channels):
     return tf.transpose(tf.reshape(t, [-1, channels, height, width]), [0, 2, 3, 1])
 
 
-def _pad_or_crop_hw(t, edges, value=0.0):
-    """Pads (positive) or crops (negative) the H and W axes of NHWC ``t`` by
-    ``edges = ((top, bottom), (left, right))``."""
-    (t0, t1), (l0, l1) = edges
-    if min(t0, t1, l0, l1) < 0:
-        h, w = int(t.shape[1]), int(t.shape[2])
-        t = t[:, max(-t0, 0):h - max(-t1, 0), max(-l0, 0):w - max(-l1, 0), :]
-    pad = [[0, 0], [max(t0, 0), max(t1, 0)], [max(l0, 0), max(l1, 0)], [0, 0]]
-    if any(a or b for a, b in pad):
-        t = tf.pad(t, pad, constant_values=value)
-    return t
-
-
 def _pool_args(x, pool_size, strides, padding, what):
     x = _static_nhwc(x, what)
     pool = _pair(pool_size, "pool_size")
@@ -321,7 +303,7 @@ def max_pool2d(x, pool_size, strides=None, padding="VALID"):
         y = tf.nn.max_pool2d(x, list(pool), list(strides), padding)
 
         def grad(dy):
-            xb = _pad_or_crop_hw(_to_channel_batch(x, h, w), ((top, bottom), (left, right)),
+            xb = ops.pad_or_crop_hw(_to_channel_batch(x, h, w), ((top, bottom), (left, right)),
                                  x.dtype.min)
             yb = _to_channel_batch(y, ho, wo)
             gb = _to_channel_batch(dy, ho, wo)
@@ -338,7 +320,7 @@ def max_pool2d(x, pool_size, strides=None, padding="VALID"):
                     taken = hit if taken is None else tf.logical_or(taken, hit)
                     parts.append(tf.where(hit, gb, zero))
             dxb = _scatter(tf.concat(parts, axis=3), pool, strides, padded, dy.dtype)
-            dxb = _pad_or_crop_hw(dxb, ((-top, -bottom), (-left, -right)))
+            dxb = ops.pad_or_crop_hw(dxb, ((-top, -bottom), (-left, -right)))
             return _from_channel_batch(dxb, h, w, c)
 
         return y, grad
@@ -387,7 +369,7 @@ def avg_pool2d(x, pool_size, strides=None, padding="VALID"):
             out_shape = tf.stack([tf.shape(gb)[0], padded[0], padded[1], 1])
             dxb = tf.nn.conv2d_transpose(gb, ones, out_shape, strides=list(strides),
                                          padding="VALID")
-            dxb = _pad_or_crop_hw(dxb, ((-top, -bottom), (-left, -right)))
+            dxb = ops.pad_or_crop_hw(dxb, ((-top, -bottom), (-left, -right)))
             return _from_channel_batch(dxb, h, w, c)
 
         return y, grad
