@@ -38,6 +38,7 @@ an ideal arena planner needs; the tensors alive at that moment are listed too.
     nice -n 19 .venv/bin/python benchmarks/bnn_device_memory.py \\
         [--runs mlp:100,mlp:1000,cnv:8,cnv:100,binarynet:8,binarynet:100] \\
         [--methods standard_device,low_memory] [--steps 3] [--top 12] [--out device_memory.json]
+        [--threads N] [--keras-threads N] [--keep-files DIR [--reuse]]
 """
 from __future__ import annotations
 
@@ -166,7 +167,7 @@ def tensor_breakdown(flatbuffer, signature="train", output="loss"):
     return tensors, arena
 
 
-def child_measure(model_path, batch_size, steps, xnnpack=False):
+def child_measure(model_path, batch_size, steps, xnnpack=False, threads=None):
     """Runs in the subprocess: the memory phases, step times and the tensor breakdown
     (see the module docstring); returns a JSON-able dict."""
     import numpy as np
@@ -190,7 +191,7 @@ def child_measure(model_path, batch_size, steps, xnnpack=False):
     out["baseline_rss_kib"] = _status_kib("VmRSS")
     file_pages_before = _status_kib("RssFile")
     _reset_peak()
-    interpreter = open_interpreter(model_path, xnnpack=xnnpack)  # as python -m edge runs it
+    interpreter = open_interpreter(model_path, threads, xnnpack)  # as python -m edge runs it
     interpreter.allocate_tensors()
     train = interpreter.get_signature_runner("train")
     out["load_rss_kib"], out["load_hwm_kib"] = _status_kib("VmRSS"), _status_kib("VmHWM")
@@ -229,11 +230,12 @@ def child_measure(model_path, batch_size, steps, xnnpack=False):
     return out
 
 
-def run_child(model_path, batch_size, steps=3, python=None, timeout=1800, env=None, xnnpack=False):
+def run_child(model_path, batch_size, steps=3, python=None, timeout=1800, env=None, xnnpack=False,
+              threads=None):
     """:func:`child_measure` in a fresh ``python`` process (numpy + LiteRT only; ``env``:
     its environment, default this one's)."""
     cmd = [python or sys.executable, os.path.abspath(__file__), "--child", model_path, str(batch_size),
-           str(steps)] + (["--xnnpack"] if xnnpack else [])
+           str(steps)] + (["--xnnpack"] if xnnpack else []) + ([f"--threads={threads}"] if threads else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"the measuring subprocess failed ({proc.returncode}): {proc.stderr[-2000:]}")
@@ -357,12 +359,19 @@ def parse_args(argv=None):
     p.add_argument("--keep-files", help="keep the .tflite files in this directory")
     p.add_argument("--no-keras", action="store_true", help="skip the Keras step-time reference")
     p.add_argument("--xnnpack", action="store_true", help="run LiteRT with its XNNPACK delegate")
+    p.add_argument("--threads", type=int, help="LiteRT interpreter threads (default: LiteRT's choice)")
+    p.add_argument("--keras-threads", type=int, default=0,
+                   help="TensorFlow's intra- and inter-op threads for the Keras step (0: its choice)")
     p.add_argument("--reuse", action="store_true",
                    help="measure the files already in --keep-files instead of exporting them again")
     p.add_argument("--child", nargs=3, metavar=("MODEL_PATH", "BATCH", "STEPS"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.steps < 2:
         p.error("--steps must be >= 2 (the step time is the median after the first)")
+    if args.threads is not None and args.threads < 1:
+        p.error("--threads must be >= 1")
+    if args.keras_threads < 0:
+        p.error("--keras-threads must be >= 0")
     return args
 
 
@@ -370,7 +379,8 @@ def main(argv=None):
     args = parse_args(argv)
     sys.path.insert(0, os.path.dirname(_HERE))  # the packages themselves, when not pip-installed
     if args.child:
-        print(json.dumps(child_measure(args.child[0], int(args.child[1]), int(args.child[2]), args.xnnpack)))
+        print(json.dumps(child_measure(args.child[0], int(args.child[1]), int(args.child[2]), args.xnnpack,
+                                       args.threads)))
         return 0
     runs = []
     for item in args.runs.split(","):
@@ -379,6 +389,12 @@ def main(argv=None):
             raise SystemExit(f"--runs: {item!r} is not model:batch (e.g. cnv:100)")
         runs.append((name, int(batch)))
     from keras_coherence.binary.models import MODEL_NAMES
+
+    if args.keras_threads:  # before TensorFlow runs its first op
+        from keras_coherence._keras import tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(args.keras_threads)
+        tf.config.threading.set_inter_op_parallelism_threads(args.keras_threads)
 
     unknown = sorted({name for name, _ in runs} - set(MODEL_NAMES))
     if unknown:
@@ -402,10 +418,11 @@ def main(argv=None):
                 reused = args.reuse and args.keep_files and os.path.isfile(path)
                 why = None if reused else export(name, method, batch, path)
                 row = {"model": name, "method": method, "batch": batch, "does_not_lower": why,
+                       "litert_threads": args.threads, "keras_threads": args.keras_threads or None,
                        "modelled": modelled(name, method, batch), "convert_s": time.perf_counter() - t0}
                 if why is None:
                     row["file_bytes"] = os.path.getsize(path)
-                    measured = run_child(path, batch, args.steps, xnnpack=args.xnnpack)
+                    measured = run_child(path, batch, args.steps, xnnpack=args.xnnpack, threads=args.threads)
                     row["summary"] = summarize(measured, args.top)
                     measured.pop("interpreter_tensor_bytes")
                     row["measured"] = {k: v for k, v in measured.items() if k not in ("tensors", "arena")}
