@@ -80,7 +80,7 @@ class TracedForward:
             previous_mask = getattr(args[0], "_keras_mask", None) if args else None
             if getattr(layer, "supports_masking", False) or getattr(layer, "mask_zero", False):
                 mask = layer.compute_mask(args[0], previous_mask)
-                if mask is not None:
+                if mask is not None and isinstance(out, tf.Tensor):  # not on a tuple of outputs
                     out._keras_mask = mask
         self.names[id(trace)] = prefix + layer.name
         self.traces.append(trace)

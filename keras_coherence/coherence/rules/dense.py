@@ -15,6 +15,27 @@ except ImportError:  # pragma: no cover
     pass
 
 
+def positions_matmul_grads(a3, dz3, ste=None):
+    """``(kernel gradient summed over the batch, per-example squared norms [B])`` of
+    ``z[b, p] = a[b, p] @ W`` (``a3`` ``[B, P, I]``, ``dz3`` ``[B, P, O]``): example ``b``'s
+    gradient is ``sum_p a[b, p] (outer) dz[b, p]``.
+
+    Its squared norm comes from the Gram matrices, ``sum_pq (a_p . a_q)(dz_p . dz_q)``,
+    when ``P^2 (I + O) < I O`` (fewer products than the per-example ``[B, I, O]``
+    gradients), else from those gradients. ``ste`` (``[I, O]``, larq's clipped
+    straight-through mask of the kernel, or None) multiplies every gradient.
+    """
+    positions, n_in, n_out = a3.shape[1], a3.shape[2], dz3.shape[2]
+    if ste is None and positions is not None and positions * positions * (n_in + n_out) < n_in * n_out:
+        gram = tf.matmul(a3, a3, transpose_b=True) * tf.matmul(dz3, dz3, transpose_b=True)
+        kernel_sum = tf.matmul(tf.reshape(a3, [-1, n_in]), tf.reshape(dz3, [-1, n_out]), transpose_a=True)
+        return kernel_sum, tf.reduce_sum(gram, [1, 2])
+    per_example = tf.matmul(a3, dz3, transpose_a=True)  # [batch, in, out]
+    if ste is not None:
+        per_example = per_example * ste
+    return tf.reduce_sum(per_example, 0), reduce_sq(per_example)
+
+
 @register
 class DenseRule(LayerRule):
     layer_types = tuple(_TYPES)
@@ -51,21 +72,8 @@ class DenseRule(LayerRule):
             batch = tf.shape(a)[0]
             a3 = tf.reshape(a, [batch, -1, a.shape[-1]])
             dz3 = tf.reshape(dz, [batch, -1, dz.shape[-1]])
-            positions, n_in, n_out = a3.shape[1], a3.shape[2], dz3.shape[2]
-            if ste is None and positions is not None and positions * positions * (n_in + n_out) < n_in * n_out:
-                gram = tf.matmul(a3, a3, transpose_b=True) * tf.matmul(dz3, dz3, transpose_b=True)
-                sq = tf.reduce_sum(gram, [1, 2])
-                kernel_sum = tf.matmul(tf.reshape(a3, [-1, n_in]), tf.reshape(dz3, [-1, n_out]),
-                                       transpose_a=True)
-            else:
-                per_example = tf.matmul(a3, dz3, transpose_a=True)  # [batch, in, out]
-                if ste is not None:
-                    per_example = per_example * ste
-                    kernel_sum = tf.reduce_sum(per_example, 0)
-                    ste = None
-                else:
-                    kernel_sum = tf.reduce_sum(per_example, 0)
-                sq = reduce_sq(per_example)
+            kernel_sum, sq = positions_matmul_grads(a3, dz3, ste)
+            ste = None
             db = tf.reduce_sum(dz3, 1)
             bias_sum, bias_sq = tf.reduce_sum(db, 0), reduce_sq(db)
         if ste is not None:
