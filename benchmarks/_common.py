@@ -16,9 +16,12 @@ from keras_coherence import models
 from keras_coherence._keras import keras, tf
 from keras_coherence.coherence.registry import rule_for
 
-# The models docs/benchmarks.md was measured with, on 28x28x1 inputs and 10 classes:
-# the MLP 784-512-512-10 and Conv(32)-Pool-Conv(64)-Pool-Dense(128)-Dense(10).
-_BUILDERS = {"mlp": models.mlp, "cnn": models.small_cnn}
+# The models docs/benchmarks.md was measured with, 10 classes: on 28x28x1 inputs the MLP
+# 784-512-512-10 and Conv(32)-Pool-Conv(64)-Pool-Dense(128)-Dense(10); on 64 token ids a
+# 2-block Transformer encoder (embedding 128, 4 heads, feed-forward 512).
+_BUILDERS = {"mlp": models.mlp, "cnn": models.small_cnn,
+             "transformer": lambda name: models.text_transformer(num_classes=10, name=name)}
+SEQUENCE_LENGTH, VOCAB_SIZE = 64, 1000
 
 
 def use_threads(threads):
@@ -32,7 +35,7 @@ def use_threads(threads):
 
 
 def build(name):
-    """A fresh, uncompiled ``"mlp"`` or ``"cnn"`` (logits), named ``name``."""
+    """A fresh, uncompiled ``"mlp"``, ``"cnn"`` or ``"transformer"`` (logits), named ``name``."""
     return _BUILDERS[name](name=name)
 
 
@@ -61,9 +64,14 @@ def keras_step(model, data):
     return lambda: fn(iterator)
 
 
-def random_batch(size, seed):
-    """MNIST-shaped random inputs in [0, 1) and labels in 0..9 (op seeds ``seed``, ``seed + 1``)."""
-    x = tf.random.uniform((size, 28, 28, 1), seed=seed)
+def random_batch(size, seed, model="mlp"):
+    """Random inputs for ``model`` and labels in 0..9 (op seeds ``seed``, ``seed + 1``):
+    MNIST-shaped values in [0, 1), or for ``"transformer"`` token ids in [1, 1000) (no
+    padding)."""
+    if model == "transformer":
+        x = tf.random.uniform((size, SEQUENCE_LENGTH), 1, VOCAB_SIZE, dtype=tf.int32, seed=seed)
+    else:
+        x = tf.random.uniform((size, 28, 28, 1), seed=seed)
     y = tf.random.uniform((size,), maxval=10, dtype=tf.int32, seed=seed + 1)
     return x, y
 

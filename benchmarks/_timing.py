@@ -181,7 +181,8 @@ class Stopwatch:
 
 # ----------------------------------------------------------------------------- overhead benchmarks
 
-MODELS = ("mlp", "cnn")
+MODELS = ("mlp", "cnn", "transformer")
+DEFAULT_MODELS = ("mlp", "cnn")
 
 
 def log(msg):
@@ -197,7 +198,7 @@ def timing_parser(doc: str, rounds: int) -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=rounds,
                    help=f"timed rounds; every method runs once per round (default {rounds})")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--models", default=",".join(MODELS),
+    p.add_argument("--models", default=",".join(DEFAULT_MODELS),
                    help=f"comma-separated subset of {','.join(MODELS)}")
     p.add_argument("--threads", type=int, default=1,
                    help="intra-op and inter-op threads (default 1; 0 = TensorFlow's choice)")

@@ -131,7 +131,7 @@ def check(name, specs, seed, lr, dynamic):
     """
     keras.utils.set_random_seed(seed)
     base = build(name)
-    x, y = random_batch(CHECK_BATCH, seed)
+    x, y = random_batch(CHECK_BATCH, seed, name)
     g = loop_per_example_grads(base, x, y)  # of the mean loss: their sum is the gradient
     failed = False
     for spec in specs:
@@ -185,7 +185,7 @@ def run_model(name, args, seed):
 
     keras.utils.set_random_seed(seed)
     b = args.batch_size
-    x, y = random_batch(b, seed)
+    x, y = random_batch(b, seed, name)
     if args.dynamic_batch:
         data = tf.data.Dataset.from_tensor_slices((x, y)).batch(b).repeat()
     else:

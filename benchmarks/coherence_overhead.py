@@ -1,7 +1,9 @@
 """What does reporting m-coherence on every training step cost?
 
 Compares, interleaved round by round in one process, at batch 128 on random MNIST-shaped
-data (28x28x1, 10 classes), for an MLP 784-512-512-10 and a small CNN:
+data (28x28x1, 10 classes), for an MLP 784-512-512-10 and a small CNN, and (``--models
+transformer``) on 64 random token ids for a 2-block Transformer encoder (embedding 128,
+4 heads, feed-forward 512; ``models.text_transformer``):
 
 * ``keras-plain``      -- Keras's own train function of the compiled plain model (reference);
 * ``keras-coherence``  -- Keras's own train function of ``with_coherence(model)``
@@ -11,7 +13,9 @@ data (28x28x1, 10 classes), for an MLP 784-512-512-10 and a small CNN:
   without the train-loop machinery);
 * ``bare-coherence``   -- a ``tf.function``: ``coherence_train_step`` + ``apply_gradients``;
 * ``vmap``             -- per-example gradients by ``tf.vectorized_map``, m-coherence from
-  them, and the update: the expensive baseline.
+  them, and the update: the expensive baseline;
+* ``keras-winsorized-c2`` (``--winsorized``) -- Keras's train function of
+  ``with_aggregator(model, "winsorized:c=2")`` (per-example gradients of every weight).
 
 Every method has its own SGD optimizer; all train the same weights. Ratios are the median
 over rounds of the per-round ratio to the method's plain counterpart (``keras-*`` to
@@ -23,6 +27,7 @@ computed from ``vmap``'s per-example gradients (same weights, same batch).
 coherence step (traced forward, backward to the pre-activations, rules, statistics).
 
     .venv/bin/python benchmarks/coherence_overhead.py [--rounds N] [--models mlp,cnn]
+    .venv/bin/python benchmarks/coherence_overhead.py --models transformer --batch-size 64 --winsorized
 """
 from __future__ import annotations
 
@@ -35,7 +40,7 @@ if os.path.dirname(_HERE) not in sys.path:  # the package itself, when not pip-i
     sys.path.insert(1, os.path.dirname(_HERE))
 import _timing  # noqa: E402
 
-TARGETS = {"mlp": 1.2, "cnn": 1.5}  # keras-coherence / keras-plain
+TARGETS = {"mlp": 1.2, "cnn": 1.5, "transformer": 1.3}  # keras-coherence / keras-plain
 RTOL = 1e-4
 
 
@@ -44,6 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--no-vmap", action="store_true", help="skip the vectorized_map baseline "
                    "in the timing (it is still used for the correctness check)")
     p.add_argument("--xla", action="store_true", help="also time jit_compile=True variants")
+    p.add_argument("--winsorized", action="store_true",
+                   help="also time Keras's train function of with_aggregator(model, 'winsorized:c=2')")
     p.add_argument("--profile", action="store_true",
                    help="also time the components of the coherence step")
     p.add_argument("--seed", type=int, default=0)
@@ -58,6 +65,7 @@ _common.use_threads(ARGS.threads)  # before anything runs an op
 
 from _common import build, keras, keras_step, loss_obj, random_batch, require_rules, sgd, tf  # noqa: E402
 from _timing import log  # noqa: E402
+from keras_coherence.aggregation import with_aggregator  # noqa: E402
 from keras_coherence.coherence.engine import traced_backward  # noqa: E402
 from keras_coherence.coherence.tracing import TracedForward  # noqa: E402
 from keras_coherence.coherence.train_step import coherence_train_step, with_coherence  # noqa: E402
@@ -246,7 +254,7 @@ def profile_methods(model, cmodel, x, y):
 
 def run_model(name, args, rng_seed):
     keras.utils.set_random_seed(rng_seed)
-    x, y = random_batch(args.batch_size, rng_seed)
+    x, y = random_batch(args.batch_size, rng_seed, name)
     data = tf.data.Dataset.from_tensors((x, y)).repeat()
 
     model = compiled(build(name))
@@ -264,6 +272,9 @@ def run_model(name, args, rng_seed):
     ]
     if not args.no_vmap:
         methods.append(("vmap", lambda f=make_vmap(model): f(x, y), "bare-plain"))
+    if args.winsorized:
+        wmodel = compiled(with_aggregator(model, "winsorized:c=2"))
+        methods.append(("keras-winsorized-c2", keras_step(wmodel, data), "keras-plain"))
     if args.xla:
         plain_xla = compiled(keras.Model(model.inputs, model.outputs, name=f"{name}_xla"), True)
         coh_xla = compiled(with_coherence(model), True)
@@ -294,8 +305,7 @@ def main(args):
             model = compiled(build(name))
             cmodel = compiled(with_coherence(model))
             keras.utils.set_random_seed(args.seed)
-            x = tf.random.uniform((args.batch_size, 28, 28, 1))
-            y = tf.random.uniform((args.batch_size,), maxval=10, dtype=tf.int32)
+            x, y = random_batch(args.batch_size, args.seed, name)
             comps = profile_methods(model, cmodel, x, y)
             methods = [(c, (lambda f=f: f(x, y)), None) for c, f in comps]
             psamples, _, _ = _timing.calibrated_rounds(f"{name} profile", methods, args)
@@ -314,7 +324,8 @@ def main(args):
         print(v)
     _common.print_load(start)
     print("\nMarkdown (docs/benchmarks.md):\n")
-    print(f"Batch {args.batch_size}, random 28x28x1 inputs, 10 classes, SGD; TF {tf.__version__} on CPU, "
+    print(f"Batch {args.batch_size}, random 28x28x1 inputs (transformer: 64 token ids), 10 classes, SGD; "
+          f"TF {tf.__version__} on CPU, "
           f"{args.threads} thread(s); median over {args.rounds} interleaved rounds; ratio = median "
           "of the per-round ratios.\n")
     print(_timing.markdown_table(["model", "method", "median ms/step", "ratio"], md_rows))

@@ -11,7 +11,10 @@ wrapped by :func:`keras_coherence.coherence.with_coherence`.
 * :func:`mobilenet_v1`, :func:`mobilenet_v2` -- untrained ``keras.applications``
   MobileNets (width ``alpha``) with logits, for inputs of at least 32x32;
   :func:`pad_images` brings MNIST-sized images (28x28x1) to 32x32x3.
-* :func:`build_model` -- one of the above by name (``MODEL_NAMES``).
+* :func:`text_transformer` -- a small text classifier: token embedding, encoder blocks
+  (MultiHeadAttention and a ReLU feed-forward, each with a residual and
+  LayerNormalization), average pooling, logits.
+* :func:`build_model` -- one of the image models above by name (``MODEL_NAMES``).
 
 >>> model = mlp(hidden=(32,))
 >>> model.output_shape, [layer.name for layer in model.layers]
@@ -27,7 +30,8 @@ from typing import Callable, Dict, Sequence, Tuple
 
 from keras_coherence._keras import keras
 
-__all__ = ["MODEL_NAMES", "build_model", "mlp", "mobilenet_v1", "mobilenet_v2", "pad_images", "small_cnn"]
+__all__ = ["MODEL_NAMES", "build_model", "mlp", "mobilenet_v1", "mobilenet_v2", "pad_images", "small_cnn",
+           "text_transformer"]
 
 
 def _check_common(input_shape, num_classes):
@@ -99,6 +103,45 @@ def small_cnn(input_shape: Sequence[int] = (28, 28, 1), num_classes: int = 10,
     h = keras.layers.MaxPooling2D(2, name="pool_2")(h)
     h = keras.layers.Flatten(name="flatten")(h)
     h = keras.layers.Dense(128, activation="relu", name="dense_1")(h)
+    outputs = keras.layers.Dense(num_classes, name="logits")(h)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def text_transformer(sequence_length: int = 64, vocab_size: int = 1000, num_classes: int = 2,
+                     embed_dim: int = 128, num_heads: int = 4, ffn_dim: int = 512, blocks: int = 2,
+                     name: str = "text_transformer") -> keras.Model:
+    """A small Transformer-encoder text classifier on int32 token ids ``[sequence_length]``.
+
+    ``Embedding(vocab_size, embed_dim, mask_zero=True)`` (id 0 is padding), then ``blocks``
+    times: ``h = LayerNorm(h + MultiHeadAttention(h, h))`` and
+    ``h = LayerNorm(h + Dense(embed_dim)(Dense(ffn_dim, relu)(h)))``, then
+    ``GlobalAveragePooling1D`` and ``Dense(num_classes)`` logits. It has no position
+    embedding (the attention sees a bag of tokens); it is sized for measuring the cost of
+    per-example gradient statistics on attention, not for accuracy. Layers are named
+    ``embed``, ``block_i_attention``, ``block_i_ffn_1`` ... and ``logits``.
+
+    >>> text_transformer(sequence_length=8, vocab_size=20, embed_dim=8, num_heads=2,
+    ...                  ffn_dim=16, blocks=1).count_params()
+    778
+    """
+    sizes = {"sequence_length": sequence_length, "vocab_size": vocab_size, "embed_dim": embed_dim,
+             "num_heads": num_heads, "ffn_dim": ffn_dim, "blocks": blocks}
+    for key, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{key}={value!r} must be a positive integer.")
+    _, num_classes = _check_common((sequence_length,), num_classes)
+    if embed_dim % num_heads:
+        raise ValueError(f"embed_dim={embed_dim} must be a multiple of num_heads={num_heads}.")
+    inputs = keras.Input((int(sequence_length),), dtype="int32", name="tokens")
+    h = keras.layers.Embedding(int(vocab_size), int(embed_dim), mask_zero=True, name="embed")(inputs)
+    for i in range(1, int(blocks) + 1):
+        attended = keras.layers.MultiHeadAttention(int(num_heads), int(embed_dim) // int(num_heads),
+                                                   name=f"block_{i}_attention")(h, h)
+        h = keras.layers.LayerNormalization(name=f"block_{i}_norm_1")(h + attended)
+        f = keras.layers.Dense(int(ffn_dim), activation="relu", name=f"block_{i}_ffn_1")(h)
+        f = keras.layers.Dense(int(embed_dim), name=f"block_{i}_ffn_2")(f)
+        h = keras.layers.LayerNormalization(name=f"block_{i}_norm_2")(h + f)
+    h = keras.layers.GlobalAveragePooling1D(name="pool")(h)
     outputs = keras.layers.Dense(num_classes, name="logits")(h)
     return keras.Model(inputs, outputs, name=name)
 
