@@ -279,17 +279,37 @@ def export(model_name, method, batch_size, path):
     return None
 
 
-def keras_step_ms(model_name, method, batch_size, steps):
-    """Median ``train_on_batch`` time (ms) of the same model in Keras (Adam, from logits)
-    on one random batch, steps after the first; the reference for the LiteRT step time."""
-    import numpy as np
+def parse_methods(text):
+    """``--methods``' comma-separated names, each checked (exits with the reason)."""
+    from keras_coherence.binary.config import resolve_method
 
+    methods = text.split(",")
+    for method in methods:
+        try:
+            resolve_method(method)
+        except ValueError as err:
+            raise SystemExit(f"--methods: {err}") from err
+    return methods
+
+
+def keras_model(model_name, method):
+    """The model the export starts from, compiled as the exported training step trains
+    (Adam 1e-3, sparse cross-entropy from logits): the Keras step-time reference."""
     from keras_coherence._keras import keras
     from keras_coherence.binary.models import build_model
 
     keras.utils.set_random_seed(0)
     model = build_model(model_name, method)
     model.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def keras_step_ms(model_name, method, batch_size, steps):
+    """Median ``train_on_batch`` time (ms) of the same model in Keras (Adam, from logits)
+    on one random batch, steps after the first; the reference for the LiteRT step time."""
+    import numpy as np
+
+    model = keras_model(model_name, method)
     rng = np.random.default_rng(0)
     x = rng.uniform(-1, 1, size=(batch_size,) + tuple(model.input_shape[1:])).astype(np.float32)
     y = rng.integers(0, int(model.output_shape[-1]), size=batch_size).astype(np.int32)
@@ -390,23 +410,14 @@ def main(argv=None):
         runs.append((name, int(batch)))
     from keras_coherence.binary.models import MODEL_NAMES
 
-    if args.keras_threads:  # before TensorFlow runs its first op
-        from keras_coherence._keras import tf
+    from _common import use_threads
 
-        tf.config.threading.set_intra_op_parallelism_threads(args.keras_threads)
-        tf.config.threading.set_inter_op_parallelism_threads(args.keras_threads)
+    use_threads(args.keras_threads)  # before TensorFlow runs its first op
 
     unknown = sorted({name for name, _ in runs} - set(MODEL_NAMES))
     if unknown:
         raise SystemExit(f"--runs: unknown model(s) {unknown}; known: {', '.join(MODEL_NAMES)}")
-    from keras_coherence.binary.config import resolve_method
-
-    methods = args.methods.split(",")
-    for method in methods:
-        try:
-            resolve_method(method)
-        except ValueError as err:
-            raise SystemExit(f"--methods: {err}") from err
+    methods = parse_methods(args.methods)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.keep_files or tmp

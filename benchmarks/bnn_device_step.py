@@ -59,20 +59,13 @@ def main(argv=None):
     from _common import use_threads
 
     use_threads(args.keras_threads)  # before TensorFlow runs an op
-    from bnn_device_memory import export
+    from bnn_device_memory import export, keras_model, parse_methods
     from edge.runner import TrainingModel
-    from keras_coherence._keras import keras
-    from keras_coherence.binary.config import resolve_method
-    from keras_coherence.binary.models import MODEL_NAMES, build_model
+    from keras_coherence.binary.models import MODEL_NAMES
 
     if args.model not in MODEL_NAMES:
         raise SystemExit(f"--model: unknown model {args.model!r}; known: {', '.join(MODEL_NAMES)}")
-    methods = args.methods.split(",")
-    for method in methods:
-        try:
-            resolve_method(method)
-        except ValueError as err:
-            raise SystemExit(f"--methods: {err}") from err
+    methods = parse_methods(args.methods)
     methods_to_time, pairs = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.keep_files or tmp
@@ -84,10 +77,7 @@ def main(argv=None):
                 if why is not None:
                     raise SystemExit(f"{args.model} {method} does not lower: {why}")
             device = TrainingModel(path, num_threads=args.threads)
-            keras.utils.set_random_seed(0)
-            model = build_model(args.model, method)
-            model.compile(keras.optimizers.Adam(1e-3),
-                          keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+            model = keras_model(args.model, method)
             rng = np.random.default_rng(0)
             x = rng.uniform(-1, 1, size=(args.batch,) + device.input_shape).astype(np.float32)
             y = rng.integers(0, device.num_classes, size=args.batch).astype(np.int32)

@@ -21,21 +21,11 @@ LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 RTOL = 1e-4
 
 
-def _no_fallback():
-    """Turns the fallback's one-time warning into an error."""
-    ctx = warnings.catch_warnings()
-    ctx.__enter__()
-    warnings.filterwarnings("error", message=".*generic per-example-gradient fallback.*")
-    return ctx
-
-
 def _check_against_reference(model, x, y, batch_size=None):
     model.compile(loss=LOSS)
-    ctx = _no_fallback()
-    try:
+    with warnings.catch_warnings():  # the fallback's one-time warning is an error here
+        warnings.filterwarnings("error", message=".*generic per-example-gradient fallback.*")
         stats = gradient_stats(model, x, y, batch_size=batch_size or len(y))
-    finally:
-        ctx.__exit__(None, None, None)
     ref_mc, ref_s, ref_q, ref_layers = coherence_reference(model, LOSS, x, y, layer_of=layer_map(model))
     np.testing.assert_allclose(stats.m_coherence, ref_mc, rtol=RTOL)
     np.testing.assert_allclose(stats.sum_sq_norms, ref_q, rtol=RTOL)

@@ -12,6 +12,7 @@ is broadcast along.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import string
 from typing import Dict
@@ -86,17 +87,10 @@ def _matrix_form(layout: EinsumLayout, a, dz):
     b, p = layout.batch, layout.positions
     a3 = tf.einsum(f"{layout.inputs}->{b}{p}{layout.contracted}", a)
     dz3 = tf.einsum(f"{layout.output}->{b}{p}{layout.produced}", dz)
-    n_in = _size(a3.shape[1 + len(p):])
-    n_out = _size(dz3.shape[1 + len(p):])
+    n_in = math.prod(int(d) for d in a3.shape[1 + len(p):])
+    n_out = math.prod(int(d) for d in dz3.shape[1 + len(p):])
     batch = tf.shape(a)[0]
     return tf.reshape(a3, [batch, -1, n_in]), tf.reshape(dz3, [batch, -1, n_out])
-
-
-def _size(dims):
-    n = 1
-    for d in dims:
-        n *= int(d)
-    return n
 
 
 def _to_kernel(layout: EinsumLayout, g, kernel_shape, per_example: bool):
