@@ -49,3 +49,20 @@ def in_output_shape_inference():
     expensive exact computation (a PO2 exponent search) may skip it there."""
     graph = tf.compat.v1.get_default_graph()
     return not tf.executing_eagerly() and graph.name.endswith("_scratch_graph")
+
+
+def autocast_variables(layer):
+    """The scope in which tf_keras runs ``layer.call``: under a mixed-precision policy
+    (``mixed_float16``/``mixed_bfloat16``) its float32 variables read as the layer's
+    compute dtype, as Keras's own forward pass sees them. Outside it they read as
+    float32, and a rule's forward would mix dtypes."""
+    from tf_keras.src.mixed_precision.autocast_variable import enable_auto_cast_variables
+
+    return enable_auto_cast_variables(layer._compute_dtype_object)
+
+
+def loss_scaler(optimizer):
+    """``optimizer`` if it is a ``keras.mixed_precision.LossScaleOptimizer`` (what Keras
+    compiles under ``mixed_float16``), else None: the object whose ``get_scaled_loss`` /
+    ``get_unscaled_gradients`` a custom step must call."""
+    return optimizer if isinstance(optimizer, keras.mixed_precision.LossScaleOptimizer) else None

@@ -3,9 +3,11 @@ direction; ``compile``/``fit``, validation, callbacks and sample weights work as
 from __future__ import annotations
 
 from keras_coherence._functional import FunctionalWithExtras
-from keras_coherence._keras import keras, tf
+from keras_coherence._keras import keras, loss_scaler, tf
 from keras_coherence.aggregation import aggregators as agg
-from keras_coherence.coherence.engine import layer_group_grads, layer_per_example_grads, traced_backward
+from keras_coherence.coherence.engine import (
+    float32_trace, layer_group_grads, layer_per_example_grads, traced_backward,
+)
 from keras_coherence.coherence.registry import var_key
 from keras_coherence.coherence.rules.dense import DenseRule
 from keras_coherence.coherence.tracing import is_graph_network
@@ -45,13 +47,13 @@ def _outer_factors(result, name):
     outer products ``a_i (outer) dz_i`` (one call of a Dense layer on ``[batch, in]``
     inputs, no kernel quantizer): :meth:`Winsorized.reduce_outer` then never forms them."""
     traces = result.by_layer[name]
-    trace = traces[0]
-    if len(traces) != 1 or not isinstance(trace.rule, DenseRule):
+    if len(traces) != 1 or not isinstance(traces[0].rule, DenseRule):
         return {}
+    trace = float32_trace(traces[0])
     a = trace.context.get("a")
     if a is None or a.shape.rank != 2 or trace.static.get("ste") is not None:
         return {}
-    return {var_key(trace.layer.kernel): (a, result.cotangents[id(trace)][0])}
+    return {var_key(trace.layer.kernel): (a, result.cotangents[id(traces[0])][0])}
 
 
 def aggregated_train_step(model, data, aggregator, report_coherence=False, per_layer=False):
@@ -63,7 +65,7 @@ def aggregated_train_step(model, data, aggregator, report_coherence=False, per_l
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     result = traced_backward(
         model, x, lambda y_pred: model.compute_loss(x, y, y_pred, sample_weight), "train",
-        tape_extra=lambda: _reg_loss(model))
+        tape_extra=lambda: _reg_loss(model), loss_scaler=loss_scaler(model.optimizer))
     variables = model.trainable_variables
     first_input = tf.nest.flatten(x)[0]
     # A batch size known while tracing (a Python int) lets the aggregators refuse a

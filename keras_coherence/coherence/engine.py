@@ -33,17 +33,27 @@ class BackwardResult:
     cotangents: Dict[int, list] = dataclasses.field(default_factory=dict)  # id(trace) -> dL/dwatched
 
 
-def traced_backward(model, x, objective: Callable, mode: str, tape_extra=None) -> BackwardResult:
+def traced_backward(model, x, objective: Callable, mode: str, tape_extra=None,
+                    loss_scaler=None) -> BackwardResult:
     """Run ``model`` on ``x`` with per-layer traces, differentiate ``objective(y_pred)``
     once, and apply each layer's rule.
 
     ``objective`` must be a sum (or a fixed multiple of a sum) of per-example terms for
     the per-example norms to mean per-example gradients.
+
+    Mixed precision: the forward pass and the backward pass to the layers' outputs run
+    in the policy's compute dtype, on the loss scaled by ``loss_scaler`` (a
+    ``LossScaleOptimizer``, or None) so that float16 cotangents do not underflow; the
+    cotangents are then cast to float32 and unscaled, and every rule computes its
+    gradients and per-example squared norms from float32 inputs (a float16 Gram product
+    or squared norm would overflow at 65504).
     """
     forward = TracedForward(model, mode)
     with tf.GradientTape(persistent=tape_extra is not None) as tape:
         y_pred = forward(x)
         loss = objective(y_pred)
+        if loss_scaler is not None:
+            loss = loss_scaler.get_scaled_loss(loss)
         extra = tape_extra() if tape_extra is not None else None
 
     by_layer = collections.OrderedDict()
@@ -59,7 +69,10 @@ def traced_backward(model, x, objective: Callable, mode: str, tape_extra=None) -
 
     watched = [t for trace in forward.traces for t in trace.watched]
     sources = watched + fallback_vars + orphans
-    all_grads = tape.gradient(loss, sources, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    all_grads = [_float32(g) for g in
+                 tape.gradient(loss, sources, unconnected_gradients=tf.UnconnectedGradients.ZERO)]
+    if loss_scaler is not None:
+        all_grads = loss_scaler.get_unscaled_gradients(all_grads)
     cotangents = all_grads[: len(watched)]
     tape_fallback = all_grads[len(watched): len(watched) + len(fallback_vars)]
     for v, g in zip(orphans, all_grads[len(watched) + len(fallback_vars):]):
@@ -81,7 +94,7 @@ def traced_backward(model, x, objective: Callable, mode: str, tape_extra=None) -
         keys = [var_key(v) for v in layer.trainable_weights]
         layer_vars[name] = keys
         if len(traces) == 1:
-            result = traces[0].rule.backward(traces[0], cot_by_trace[id(traces[0])])
+            result = traces[0].rule.backward(float32_trace(traces[0]), cot_by_trace[id(traces[0])])
             grads.update(result.sum_grads)
             layer_sq[name] = result.sq_norms
         else:  # shared layer: per-example gradients of every call, summed, then the norm
@@ -98,6 +111,25 @@ def traced_backward(model, x, objective: Callable, mode: str, tape_extra=None) -
                             by_layer, cot_by_trace)
     result.tape, result.extra = (tape, extra) if tape_extra is not None else (None, None)
     return result
+
+
+def _float32(t):
+    """A float16/bfloat16 tensor (or IndexedSlices) as float32; anything else as it is."""
+    if isinstance(t, tf.IndexedSlices):
+        return tf.IndexedSlices(_float32(t.values), t.indices, t.dense_shape)
+    if isinstance(t, tf.Tensor) and t.dtype.is_floating and t.dtype != tf.float32:
+        return tf.cast(t, tf.float32)
+    return t
+
+
+def float32_trace(trace):
+    """``trace`` with its saved tensors in float32, for a rule's backward (mixed
+    precision: the engine's cotangents are float32 too). The generic
+    fallback re-runs the layer on its saved inputs, so they stay as the layer saw them."""
+    if trace.rule is FALLBACK:
+        return trace
+    return dataclasses.replace(trace, context=tf.nest.map_structure(_float32, trace.context),
+                               static=tf.nest.map_structure(_float32, trace.static))
 
 
 def _statically_zero(g):
@@ -176,7 +208,7 @@ def layer_per_example_grads(result: BackwardResult, name: str) -> Dict[int, tf.T
     total = {}
     for trace in result.by_layer[name]:
         try:
-            part = trace.rule.per_example_grads(trace, result.cotangents[id(trace)])
+            part = trace.rule.per_example_grads(float32_trace(trace), result.cotangents[id(trace)])
         except NotImplementedError:
             raise TypeError(
                 f"The rule {type(trace.rule).__name__} for layer {name!r} does not implement "
@@ -202,6 +234,7 @@ def layer_group_grads(result: BackwardResult, name: str, bounds) -> List[Dict[in
         rule = trace.rule if len(result.by_layer[name]) == 1 else FALLBACK
         for g, (start, end) in enumerate(bounds):
             sub = dataclasses.replace(trace, context=_slice_batched(trace.context, start, end))
+            sub = float32_trace(sub)
             sums = rule.backward(sub, [c[start:end] for c in cot]).sum_grads
             for key, value in sums.items():
                 value = tf.convert_to_tensor(value)

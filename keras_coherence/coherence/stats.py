@@ -23,7 +23,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from keras_coherence._keras import keras, tf
+from keras_coherence._keras import keras, loss_scaler, tf
 from keras_coherence.coherence.engine import per_example_loss_fn, traced_backward
 from keras_coherence.coherence.registry import var_key
 
@@ -86,12 +86,36 @@ def _stats_from_sums(m, layer_s, layer_q) -> CoherenceStats:
 _CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+class _SumLossScale:
+    """Loss scaling for the summed loss of a micro-batch under ``mixed_float16``: the
+    model's current dynamic loss scale divided by the micro-batch size, so that the
+    float16 cotangents have the magnitudes of a training step on Keras's mean loss."""
+
+    def __init__(self, scale):
+        self.scale = scale
+
+    @classmethod
+    def of(cls, model, x):
+        optimizer = loss_scaler(getattr(model, "optimizer", None))
+        if optimizer is None:
+            return None
+        batch = tf.cast(tf.shape(tf.nest.flatten(x)[0])[0], tf.float32)
+        return cls(tf.cast(optimizer.loss_scale, tf.float32) / batch)
+
+    def get_scaled_loss(self, loss):
+        return loss * tf.cast(self.scale, loss.dtype)
+
+    def get_unscaled_gradients(self, grads):
+        return [None if g is None else g / self.scale if not isinstance(g, tf.IndexedSlices)
+                else tf.IndexedSlices(g.values / self.scale, g.indices, g.dense_shape) for g in grads]
+
+
 def _compiled_step(model, mode):
     """A cached ``tf.function``: micro-batch -> (per-variable summed gradients,
     per-layer summed squared norms, fallback check errors)."""
     loss_fn = per_example_loss_fn(model)  # raises a clear error when not compiled
     per_model = _CACHE.setdefault(model, {})
-    key = (mode, id(getattr(model, "compiled_loss", None)), id(model.loss))
+    key = (mode, id(getattr(model, "compiled_loss", None)), id(model.loss), id(getattr(model, "optimizer", None)))
     if key in per_model:
         return per_model[key]
     variables = list(model.trainable_variables)
@@ -100,7 +124,8 @@ def _compiled_step(model, mode):
     @tf.function(reduce_retracing=True)
     def step(x, y, sample_weight):
         result = traced_backward(
-            model, x, lambda y_pred: tf.reduce_sum(loss_fn(y, y_pred, sample_weight)), mode
+            model, x, lambda y_pred: tf.reduce_sum(loss_fn(y, y_pred, sample_weight)), mode,
+            loss_scaler=_SumLossScale.of(model, x),
         )
         layout["layer_vars"] = result.layer_vars
         grads = [result.grads.get(var_key(v)) for v in variables]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 from typing import Dict, List
 
-from keras_coherence._keras import keras, tf
+from keras_coherence._keras import autocast_variables, keras, tf
 from keras_coherence.coherence import rules  # noqa: F401  (registers the rules)
 from keras_coherence.coherence.registry import Trace, rule_for, warn_fallback
 from keras_coherence.coherence.rules.fallback import FALLBACK
@@ -76,7 +76,8 @@ class TracedForward:
             out, trace = rule.forward(layer, args, kwargs, self.mode)
         else:
             rule_kwargs = {k: v for k, v in kwargs.items() if k != "training"}
-            out, trace = rule.forward(layer, args, rule_kwargs, self.mode)
+            with autocast_variables(layer):
+                out, trace = rule.forward(layer, args, rule_kwargs, self.mode)
             previous_mask = getattr(args[0], "_keras_mask", None) if args else None
             if getattr(layer, "supports_masking", False) or getattr(layer, "mask_zero", False):
                 mask = layer.compute_mask(args[0], previous_mask)

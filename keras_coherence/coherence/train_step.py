@@ -3,7 +3,7 @@ mini-batch's m-coherence and alpha on every step, from the same backward pass.""
 from __future__ import annotations
 
 from keras_coherence._functional import FunctionalWithExtras
-from keras_coherence._keras import keras, tf
+from keras_coherence._keras import keras, loss_scaler, tf
 from keras_coherence.coherence.engine import traced_backward
 from keras_coherence.coherence.registry import var_key
 from keras_coherence.coherence.tracing import is_graph_network
@@ -55,7 +55,7 @@ def coherence_train_step(model, data, per_layer: bool = False):
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     result = traced_backward(
         model, x, lambda y_pred: model.compute_loss(x, y, y_pred, sample_weight), "train",
-        tape_extra=lambda: _reg_loss(model),
+        tape_extra=lambda: _reg_loss(model), loss_scaler=loss_scaler(model.optimizer),
     )
     variables = model.trainable_variables
     reg_grads = [None] * len(variables)

@@ -65,7 +65,10 @@ class FallbackRule(LayerRule):
             with tf.GradientTape() as tape:
                 out = layer(*args_i, **kwargs_i)
             floating = [t for t in tf.nest.flatten(out) if t.dtype.is_floating]
-            return tape.gradient(floating, variables, output_gradients=[c[None] for c in cots_i],
+            # The engine's cotangents are float32 (unscaled); a mixed-precision layer's
+            # outputs are float16/bfloat16.
+            return tape.gradient(floating, variables,
+                                 output_gradients=[tf.cast(c[None], t.dtype) for c, t in zip(cots_i, floating)],
                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
 
         inputs = [flat[i] for i in mapped_idx]
