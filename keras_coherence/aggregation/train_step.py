@@ -99,11 +99,14 @@ def aggregated_train_step(model, data, aggregator, report_coherence=False, per_l
         with tf.control_dependencies(aggregator.batch_checks(total)):
             for name in result.by_layer:
                 sums = layer_group_grads(result, name, bounds)
-                keys = list(sums[0])
+                keys = list(sums[0])  # the layer's weight order: the same in every process
+                sums = [[s[key] for key in keys] for s in sums]
                 if _replicated():
+                    # lists, not dicts keyed by id(variable): tf.nest orders a dict by its keys,
+                    # and ids differ between the workers of a MultiWorkerMirroredStrategy
                     sums = tf.distribute.get_replica_context().all_reduce("sum", sums)
-                for key in keys:
-                    means = [s[key] * loss_scale / tf.cast(n, s[key].dtype) for s, n in zip(sums, sizes)]
+                for i, key in enumerate(keys):
+                    means = [s[i] * loss_scale / tf.cast(n, s[i].dtype) for s, n in zip(sums, sizes)]
                     update[key] = aggregator.combine(means)  # on the scale of the mean gradient
     else:
         raise ValueError(f"Unknown aggregator kind {aggregator.kind!r}.")

@@ -40,6 +40,9 @@ from keras_coherence.quantization import folding
 from keras_coherence.quantization import quantizers as _quantizers
 from keras_coherence.quantization.base import PO2Quantizer
 from keras_coherence.quantization.tfmot_adapter import TFMOTQuantizer
+from keras_coherence.quantization import replica_ranges
+
+replica_ranges.install()  # activation ranges over the global batch under tf.distribute
 
 __all__ = [
     "METHODS",
