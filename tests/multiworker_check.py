@@ -35,17 +35,18 @@ X = rng.normal(size=(36, 6)).astype("float32")
 Y = rng.integers(0, 3, 36)
 
 
-def build(hidden=((8, "relu"),)):
+def build(hidden=((8, "relu"),), regularizer=None):
     keras.utils.set_random_seed(0)
     inp = keras.Input((6,))
     h = inp
     for units, activation in hidden:
-        h = keras.layers.Dense(units, activation=activation)(h)
+        h = keras.layers.Dense(units, activation=activation, kernel_regularizer=regularizer)(h)
     return keras.Model(inp, keras.layers.Dense(3)(h))
 
 
 def coherence_case():
-    model = kc.coherence.with_coherence(build(((8, "relu"), (5, "tanh"))))
+    # an L2 penalty: the update adds replicas x each replica's regularization gradient
+    model = kc.coherence.with_coherence(build(((8, "relu"), (5, "tanh")), keras.regularizers.L2(0.05)))
     model.compile(keras.optimizers.SGD(0.1), LOSS)
     monitor = kc.callbacks.CoherenceMonitor(X[:20], Y[:20])
     hist = model.fit(X[:32], Y[:32], batch_size=16, epochs=2, shuffle=False, verbose=0,

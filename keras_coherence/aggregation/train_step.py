@@ -126,7 +126,7 @@ def aggregated_train_step(model, data, aggregator, report_coherence=False, per_l
     logs = {}
     if report_coherence:
         data_grads = [result.grads.get(var_key(v)) for v in variables]
-        logs = coherence_logs(result, variables, x, data_grads, per_layer)
+        logs, _ = coherence_logs(result, variables, x, data_grads, per_layer)
     return logs, result.y_pred, list(zip(grads, variables))
 
 

@@ -22,9 +22,10 @@ def _replicated():
 
 
 def coherence_logs(result, variables, x, data_grads, per_layer: bool = False):
-    """``{"m_coherence", "alpha"[, "m_coherence/<layer>"]}`` of the batch from a
-    :func:`traced_backward` result and its per-variable batch-summed data gradients;
-    under ``tf.distribute`` the sums are all-reduced, giving the global batch's values."""
+    """``({"m_coherence", "alpha"[, "m_coherence/<layer>"]}, data_sums)`` of the batch from
+    a :func:`traced_backward` result and its per-variable batch-summed data gradients;
+    under ``tf.distribute`` the sums are all-reduced, giving the global batch's values:
+    ``data_sums`` are the data gradients summed over every replica (dense)."""
     dense = [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g) for v, g in zip(variables, data_grads)]
     names = list(result.layer_sq)
     layer_q = [tf.reduce_sum(result.layer_sq[n]) for n in names]
@@ -40,7 +41,7 @@ def coherence_logs(result, variables, x, data_grads, per_layer: bool = False):
     if per_layer:
         for n, s_, q in zip(names, layer_s, layer_q):
             logs[f"m_coherence/{n}"] = tf.math.divide_no_nan(s_, q)
-    return logs
+    return logs, dense
 
 
 def coherence_train_step(model, data, per_layer: bool = False):
@@ -50,7 +51,9 @@ def coherence_train_step(model, data, per_layer: bool = False):
     weights); BatchNormalization runs in training mode, so per-example quantities are
     each example's contribution to the batch gradient. Under ``tf.distribute`` the sums
     are all-reduced across replicas, giving the global batch's numbers.
-    Returns ``(logs, y_pred, grads_and_vars)``.
+    Returns ``(logs, y_pred, grads_and_vars)``; the gradients are already combined
+    across replicas (apply them with ``skip_gradients_aggregation=True``): the one
+    all-reduce of the data gradients serves both the statistics and the update.
     """
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     result = traced_backward(
@@ -75,7 +78,14 @@ def coherence_train_step(model, data, per_layer: bool = False):
             g = rg if g is None else tf.convert_to_tensor(g) + rg
         grads.append(g)
 
-    logs = coherence_logs(result, variables, x, data_grads, per_layer)
+    logs, data_sums = coherence_logs(result, variables, x, data_grads, per_layer)
+    if _replicated():
+        # Each replica's regularization gradient is the same (mirrored weights; Keras
+        # scales the loss by 1/replicas), so the all-reduced update is the all-reduced
+        # data gradient plus replicas x the local one: no second model-size all-reduce.
+        replicas = tf.distribute.get_replica_context().num_replicas_in_sync
+        grads = [None if g is None else d if rg is None else d + replicas * rg
+                 for g, d, rg in zip(grads, data_sums, reg_grads)]
     return logs, result.y_pred, list(zip(grads, variables))
 
 
@@ -112,7 +122,8 @@ class CoherenceModel(FunctionalWithExtras):
 
     def train_step(self, data):
         logs, y_pred, grads_and_vars = coherence_train_step(self, data, self.coherence_per_layer)
-        self.optimizer.apply_gradients([(g, v) for g, v in grads_and_vars if g is not None])
+        self.optimizer.apply_gradients([(g, v) for g, v in grads_and_vars if g is not None],
+                                       skip_gradients_aggregation=True)
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         metrics = self.compute_metrics(x, y, y_pred, sample_weight)
         return {**metrics, **logs}
