@@ -26,8 +26,14 @@ computed from ``vmap``'s per-example gradients (same weights, same batch).
 ``--xla`` adds ``jit_compile=True`` variants; ``--profile`` times the components of the
 coherence step (traced forward, backward to the pre-activations, rules, statistics).
 
+``--onednn both`` runs the whole benchmark twice, each in its own subprocess, with
+TensorFlow's oneDNN kernels on (``TF_ENABLE_ONEDNN_OPTS=1``) and off (``=0``: the
+kernels of CPUs without AVX-512, where TensorFlow leaves oneDNN off by default), and
+prints the ratios side by side; ``--onednn on``/``off`` runs one setting.
+
     .venv/bin/python benchmarks/coherence_overhead.py [--rounds N] [--models mlp,cnn]
     .venv/bin/python benchmarks/coherence_overhead.py --models transformer --batch-size 64 --winsorized
+    .venv/bin/python benchmarks/coherence_overhead.py --models cnn --no-vmap --onednn both
 """
 from __future__ import annotations
 
@@ -38,9 +44,15 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _HERE)
 if os.path.dirname(_HERE) not in sys.path:  # the package itself, when not pip-installed
     sys.path.insert(1, os.path.dirname(_HERE))
+import argparse  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+
 import _timing  # noqa: E402
 
 TARGETS = {"mlp": 1.2, "cnn": 1.5, "transformer": 1.3}  # keras-coherence / keras-plain
+ONEDNN = {"on": "1", "off": "0"}
 RTOL = 1e-4
 
 
@@ -53,11 +65,50 @@ def parse_args(argv=None):
                    help="also time Keras's train function of with_aggregator(model, 'winsorized:c=2')")
     p.add_argument("--profile", action="store_true",
                    help="also time the components of the coherence step")
+    p.add_argument("--onednn", choices=["default", "on", "off", "both"], default="default",
+                   help="TensorFlow's oneDNN kernels: as the CPU decides (default), on, off, or "
+                        "both, each in its own subprocess, reported side by side")
+    p.add_argument("--json-out", help=argparse.SUPPRESS)  # where a --onednn both child writes
     p.add_argument("--seed", type=int, default=0)
     return _timing.parse_timing_args(p, argv)
 
 
+def run_both_onednn_settings(argv):
+    """``--onednn both``: this script once per setting, each in a fresh process (the
+    setting is read when TensorFlow loads), then the ratios side by side."""
+    base = [a for a in argv if not a.startswith("--onednn")]
+    if "--onednn" in argv:  # "--onednn both" as two tokens
+        i = argv.index("--onednn")
+        base = argv[:i] + argv[i + 2:]
+    ratios = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for setting in ONEDNN:
+            out = os.path.join(tmp, f"{setting}.json")
+            print(f"\n===== oneDNN {setting} (TF_ENABLE_ONEDNN_OPTS={ONEDNN[setting]}) =====", flush=True)
+            rc = subprocess.call([sys.executable, os.path.abspath(__file__), *base,
+                                  "--onednn", setting, "--json-out", out])
+            if rc != 0:
+                raise SystemExit(f"the oneDNN {setting} run failed (exit {rc})")
+            with open(out) as f:
+                ratios[setting] = json.load(f)
+    rows = []
+    for model, methods in ratios["on"].items():
+        for method, (ms_on, ratio_on, ref) in methods.items():
+            ms_off, ratio_off, _ = ratios["off"][model][method]
+            rows.append([model, method, f"{ms_on:.2f}", ratio_on or "", f"{ms_off:.2f}", ratio_off or "", ref or ""])
+    print("\nSide by side (each setting in its own process; ratio = median per-round ratio to 'to'):")
+    print(_timing.text_table(["model", "method", "oneDNN on ms", "ratio", "oneDNN off ms", "ratio", "to"], rows))
+    print()
+    print(_timing.markdown_table(["model", "method", "vs", "oneDNN on: ms/step", "ratio", "oneDNN off: ms/step", "ratio"],
+                                 [[r[0].upper(), f"`{r[1]}`", f"`{r[6]}`" if r[6] else "", *r[2:6]] for r in rows]))
+
+
 ARGS = parse_args()
+if ARGS.onednn == "both":
+    run_both_onednn_settings(sys.argv[1:])
+    raise SystemExit(0)
+if ARGS.onednn in ONEDNN:  # before TensorFlow is imported
+    os.environ["TF_ENABLE_ONEDNN_OPTS"] = ONEDNN[ARGS.onednn]
 
 import _common  # noqa: E402  (imports TensorFlow; runs no op)
 
@@ -289,8 +340,10 @@ def run_model(name, args, rng_seed):
 
 def main(args):
     start = _common.print_header("coherence overhead benchmark", args)
-    rows, md_rows, verdicts = [], [], []
+    print(f"TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS', 'unset (the CPU decides)')}")
+    rows, md_rows, verdicts, summaries = [], [], [], {}
     for name, summary, _ in _timing.summarize_models(args, run_model):
+        summaries[name] = summary
         for s in summary.values():
             rows.append([name, s.name, f"{s.median_ms:.2f}", f"{s.q25_ms:.2f}-{s.q75_ms:.2f}",
                          _timing.ratio_text(s), s.reference or "", _timing.ratio_iqr_text(s)])
@@ -323,6 +376,10 @@ def main(args):
     for v in verdicts:
         print(v)
     _common.print_load(start)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump({name: {s.name: [s.median_ms, _timing.ratio_text(s), s.reference] for s in summary.values()}
+                       for name, summary in summaries.items()}, f)
     print("\nMarkdown (docs/benchmarks.md):\n")
     print(f"Batch {args.batch_size}, random 28x28x1 inputs (transformer: 64 token ids), 10 classes, SGD; "
           f"TF {tf.__version__} on CPU, "
