@@ -66,3 +66,13 @@ def loss_scaler(optimizer):
     compiles under ``mixed_float16``), else None: the object whose ``get_scaled_loss`` /
     ``get_unscaled_gradients`` a custom step must call."""
     return optimizer if isinstance(optimizer, keras.mixed_precision.LossScaleOptimizer) else None
+
+
+def onednn_enabled() -> bool:
+    """Whether TensorFlow runs its oneDNN CPU kernels in this process: on by default on
+    CPUs with AVX-512, off on others (e.g. AMD EPYC without it) and under
+    ``TF_ENABLE_ONEDNN_OPTS=0``. The two kernel sets favour different formulations of
+    the same product (see the convolution rule)."""
+    from tensorflow.python.util import _pywrap_util_port
+
+    return bool(_pywrap_util_port.IsMklEnabled())

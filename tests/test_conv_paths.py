@@ -12,6 +12,8 @@ References: per-example gradients one example at a time with ``tape.gradient``
 import numpy as np
 import pytest
 
+import keras_coherence  # noqa: F401  (first: selects Keras 2 for larq)
+import larq as lq
 from keras_coherence._keras import keras
 from keras_coherence.aggregation import with_aggregator
 from keras_coherence.coherence import gradient_stats
@@ -38,6 +40,12 @@ CASES = [
     ("conv1d_dil3_same", lambda: keras.layers.Conv1D(3, 2, dilation_rate=3, padding="same", name="probe"), 1),
     ("conv1d_dil2_valid", lambda: keras.layers.Conv1D(3, 3, dilation_rate=2, padding="valid", name="probe"), 1),
     ("conv1d_stride3_same", lambda: keras.layers.Conv1D(3, 3, strides=3, padding="same", name="probe"), 1),
+    # more than 32 kernel inputs (9 x 4 channels): the wide-kernel formulations, which
+    # differ with oneDNN on and off; larq's straight-through mask (|w| > 1 -> 0) as well
+    ("conv1d_wide_dil2_same", lambda: keras.layers.Conv1D(3, 9, dilation_rate=2, padding="same", name="probe"), 1),
+    ("larq_ste_conv2d_dil2_same", lambda: lq.layers.QuantConv2D(
+        3, 3, dilation_rate=2, padding="same", kernel_quantizer="ste_sign",
+        kernel_initializer=keras.initializers.RandomNormal(stddev=1.2), name="probe"), 2),
 ]
 
 
