@@ -83,11 +83,11 @@ for spec in ("winsorized:c=2", "winsorized:percentile=20", "m3:groups=3", "rm3")
     CASES[spec] = aggregator_case(spec)
 
 results = {"replicas": STRATEGY.num_replicas_in_sync, "cases": {}}
-for name, case in CASES.items():
-    one = case()
+for name, case in CASES.items():  # every worker takes part in every collective fit
     with STRATEGY.scope():
-        multi = case()
-    results["cases"][name] = {"one": one, "multiworker": multi}
-if index == 0:
+        results["cases"][name] = {"multiworker": case()}
+if index == 0:  # the one-device references: the chief alone, after the collectives
+    for name, case in CASES.items():
+        results["cases"][name]["one"] = case()
     with open(out_path, "w") as f:
         json.dump(results, f)

@@ -117,7 +117,7 @@ def _float32(t):
     """A float16/bfloat16 tensor (or IndexedSlices) as float32; anything else as it is."""
     if isinstance(t, tf.IndexedSlices):
         return tf.IndexedSlices(_float32(t.values), t.indices, t.dense_shape)
-    if isinstance(t, tf.Tensor) and t.dtype.is_floating and t.dtype != tf.float32:
+    if isinstance(t, tf.Tensor) and t.dtype in (tf.float16, tf.bfloat16):  # float64 stays
         return tf.cast(t, tf.float32)
     return t
 
