@@ -28,7 +28,11 @@ from keras_coherence.coherence.engine import per_example_loss_fn, traced_backwar
 from keras_coherence.coherence.registry import var_key
 
 BATCHNORM_MODES = ("inference", "batch")
-_FALLBACK_RTOL = 1e-3
+# How far a fallback layer's per-example gradients may sum from its batch gradient, by
+# the layer's compute dtype: rounding alone, not a layer that mixes examples (which is
+# off by O(1)). Under mixed_bfloat16 a SimpleRNN measured 0.28%.
+_FALLBACK_RTOL = {"float16": 1e-2, "bfloat16": 5e-2}
+_FALLBACK_RTOL_DEFAULT = 1e-3
 
 
 @dataclasses.dataclass
@@ -138,7 +142,9 @@ def _compiled_step(model, mode):
                              for k in keys])
             ref = tf.add_n([tf.reduce_sum(tf.square(tf.convert_to_tensor(result.fallback_grads[k])))
                             for k in keys])
-            errors[name] = tf.sqrt(diff) / (tf.sqrt(ref) + 1e-12)
+            layer = result.by_layer[name][0].layer
+            tol = _FALLBACK_RTOL.get(layer.compute_dtype, _FALLBACK_RTOL_DEFAULT)
+            errors[name] = (tf.sqrt(diff) / (tf.sqrt(ref) + 1e-12), tol)
         return grads, sq, errors
 
     per_model[key] = (step, variables, layout)
@@ -232,8 +238,8 @@ def gradient_stats(
                 "its compiled loss."
             ) from None
         if check_fallback and start == 0:
-            for name, err in errors.items():
-                if float(err) > _FALLBACK_RTOL:
+            for name, (err, tol) in errors.items():
+                if float(err) > tol:
                     raise ValueError(
                         f"Layer {name!r} has no per-example rule and its per-example gradients do "
                         f"not add up to its batch gradient (relative error {float(err):.2g}): it "
