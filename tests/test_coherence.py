@@ -333,6 +333,25 @@ def test_registry_refuses_subclass_that_overrides_call():
     assert rule_for(PlainSubclass(3))[0] is not None
 
 
+def test_registering_a_second_rule_for_a_type_raises_unless_replace():
+    from keras_coherence.coherence import registry
+    from keras_coherence.coherence.rules.dense import DenseRule
+
+    original = registry._RULES[keras.layers.Dense]
+
+    class OtherDenseRule(DenseRule):
+        pass
+
+    with pytest.raises(ValueError, match=r"Dense already has the rule DenseRule.*register\(replace=True\)"):
+        registry.register(OtherDenseRule)
+    assert registry._RULES[keras.layers.Dense] is original
+    try:
+        registry.register(replace=True)(OtherDenseRule)
+        assert type(rule_for(keras.layers.Dense(2))[0]) is OtherDenseRule
+    finally:
+        registry._RULES[keras.layers.Dense] = original
+
+
 def test_label_errors_for_string_and_custom_losses():
     """A string loss is checked before any work; a custom loss that rejects a label
     inside the graph gives one clear ValueError, not a graph dump."""

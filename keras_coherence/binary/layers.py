@@ -41,8 +41,6 @@ claims them inside a ``larq.optimizers.CaseOptimizer``.
 """
 from __future__ import annotations
 
-import math
-
 from keras_coherence._keras import keras, tf
 from keras_coherence.binary import ops, real_ops
 from keras_coherence.binary.config import resolve_method
@@ -85,10 +83,6 @@ class _BinaryLayer(keras.layers.Layer):
                                  trainable=True, dtype=self.dtype)
         kernel.precision = 1  # lets larq's Bop claim it
         return kernel
-
-    @property
-    def kernel_size_total(self):
-        return int(math.prod(int(d) for d in self.kernel.shape))
 
     def get_config(self):
         config = super().get_config()

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+import weakref
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
 
 from keras_coherence._keras import tf
 
 _RULES: Dict[type, "LayerRule"] = {}
-_WARNED: set = set()
+_WARNED: "weakref.WeakSet" = weakref.WeakSet()  # layers, not ids: an id is reused
 
 
 def var_key(variable) -> int:
@@ -87,8 +88,21 @@ class LayerRule:
         raise NotImplementedError
 
 
-def register(rule_cls: Type[LayerRule]) -> Type[LayerRule]:
-    """Class decorator: register ``rule_cls`` for each type in its ``layer_types``."""
+def register(rule_cls: Type[LayerRule] = None, *, replace: bool = False):
+    """Class decorator: register ``rule_cls`` for each type in its ``layer_types``.
+
+    A layer type that already has a rule raises ``ValueError``, naming both rules; to
+    override a rule on purpose, decorate with ``@register(replace=True)``."""
+    if rule_cls is None:
+        return lambda cls: register(cls, replace=replace)
+    taken = [(t, _RULES[t]) for t in rule_cls.layer_types if t in _RULES]
+    if taken and not replace:
+        layer_type, rule = taken[0]
+        raise ValueError(
+            f"{layer_type.__name__} already has the rule {type(rule).__name__}; registering "
+            f"{rule_cls.__name__} for it too would silently replace it. Use "
+            "@register(replace=True) to override it on purpose."
+        )
     rule = rule_cls()
     for layer_type in rule_cls.layer_types:
         _RULES[layer_type] = rule
@@ -116,15 +130,11 @@ def rule_for(layer) -> Tuple[Optional[LayerRule], str]:
     return None, f"no rule is registered for {type(layer).__name__}"
 
 
-def registered_types() -> List[type]:
-    return list(_RULES)
-
-
 def warn_fallback(layer, reason: str) -> None:
     """One warning per layer instance that takes the generic fallback."""
-    if id(layer) in _WARNED:
+    if layer in _WARNED:
         return
-    _WARNED.add(id(layer))
+    _WARNED.add(layer)
     warnings.warn(
         f"keras_coherence: layer {layer.name!r} ({type(layer).__name__}) takes the generic "
         f"per-example-gradient fallback ({reason}); it is exact but slower. Register a rule "

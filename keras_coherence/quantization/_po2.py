@@ -95,8 +95,3 @@ def ste_quantize(x, e, qp):
     e = tf.stop_gradient(e)
     inside = tf.stop_gradient(inside_mask(x, e, qp))
     return tf.stop_gradient(fake_quantize(x, e, qp)) + inside * (x - tf.stop_gradient(x))
-
-
-def gradient_scale(t, factor):
-    """Identity in the forward pass; multiplies the gradient of ``t`` by ``factor``."""
-    return tf.stop_gradient(t) + (t - tf.stop_gradient(t)) * factor
