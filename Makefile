@@ -21,6 +21,7 @@ demo: $(STAMP)
 # end; with --dist loadfile one worker was left alone with the heaviest files. A module
 # fixture whose tests land on both workers is built twice, which costs far less.
 test: $(STAMP)
+	$(VENV)/bin/ruff check --no-cache .
 	$(PY) -m pytest -q -n auto --dist worksteal tests
 
 # Only the on-device training exports (builtin-only op codes of every model,

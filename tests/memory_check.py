@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 
 import keras_coherence as kc
-from keras_coherence._keras import keras, tf
+from keras_coherence._keras import keras
 
 warnings.simplefilter("ignore")
 depth, width, batch = 20, 512, 128

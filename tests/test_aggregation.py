@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-import keras_coherence as kc
+import keras_coherence as kc  # noqa: F401  (first: selects Keras 2)
 from keras_coherence._keras import keras, tf
 from keras_coherence.aggregation import Mean, MedianOfMeans, Winsorized, get, with_aggregator
 from reference import per_example_grads

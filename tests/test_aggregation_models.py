@@ -7,7 +7,7 @@ and their median for M3), then the SGD update (and the kernel constraint) by han
 import numpy as np
 import pytest
 
-import keras_coherence as kc  # first: it selects Keras 2 (tf_keras) for larq
+import keras_coherence as kc  # noqa: F401  (first: it selects Keras 2 (tf_keras) for larq)
 import larq as lq  # noqa: E402  (a required dependency)
 from keras_coherence._keras import keras, tf
 from keras_coherence.aggregation import with_aggregator

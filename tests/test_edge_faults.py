@@ -22,7 +22,7 @@ from keras_coherence._keras import keras
 from keras_coherence.binary import export_training, models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-from test_edge import BATCH, _task  # the same separable 3-class task
+from test_edge import BATCH, _task  # noqa: E402  (the same separable 3-class task)
 
 N_TRAIN = 96
 

@@ -3,8 +3,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 
 def _run(code, **env):
     full_env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import keras_coherence as kc
-from keras_coherence._keras import keras, tf
+from keras_coherence._keras import keras
 from keras_coherence.aggregation import with_aggregator
 from keras_coherence.coherence.train_step import with_coherence
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-import keras_coherence as kc
+import keras_coherence as kc  # noqa: F401  (first: selects Keras 2)
 from keras_coherence._keras import keras, tf
 from keras_coherence.optimizers import RunningAverage, RunningMedian
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import keras_coherence as kc
-from keras_coherence._keras import keras, tf
+from keras_coherence._keras import keras
 from keras_coherence.coherence import CoherenceModel, with_coherence
 from reference import coherence_reference
 

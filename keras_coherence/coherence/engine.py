@@ -6,7 +6,7 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List
 
 from keras_coherence._keras import keras, tf
 from tf_keras.src.engine.compile_utils import match_dtype_and_rank  # what compile() applies

@@ -19,7 +19,7 @@ import dataclasses
 import math
 import re
 import weakref
-from typing import Dict, Optional
+from typing import Dict
 
 import numpy as np
 
