@@ -1,0 +1,87 @@
+"""The allowed import directions of docs/architecture.md, read from the source (ast):
+
+* ``edge/`` imports nothing of ours and no TensorFlow, Keras, larq or tfmot: it runs a
+  ``.tflite`` with LiteRT and numpy only;
+* ``keras_coherence/coherence/`` imports nothing of ``quantization``, ``binary``, the
+  command line or the experiment scripts;
+* nothing in the library imports the command line (``cli``), except ``__main__``.
+"""
+import ast
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+HEAVY = ("tensorflow", "tf_keras", "keras", "larq", "tensorflow_model_optimization", "keras_coherence")
+FORBIDDEN = {
+    "edge": HEAVY,
+    "keras_coherence/coherence": ("keras_coherence.quantization", "keras_coherence.binary",
+                                  "keras_coherence.cli", "keras_coherence.experiments"),
+    "keras_coherence": ("keras_coherence.cli",),
+}
+ALLOWED_FILES = {"keras_coherence/__main__.py"}  # the entry point of `python -m keras_coherence`
+
+
+def imported_modules(source: str, module: str, is_package: bool = False):
+    """Absolute names of every module ``source`` (the module ``module``) imports,
+    anywhere in it (function-level imports included); ``from a import b`` yields
+    ``a`` and ``a.b`` (b may be a submodule)."""
+    package = module if is_package else module.rpartition(".")[0]
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                parent = ".".join(parts[: len(parts) - node.level + 1])
+                base = f"{parent}.{base}" if base else parent
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)
+    return names
+
+
+def _module_name(path: pathlib.Path):
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    is_package = parts[-1] == "__init__"
+    if is_package:
+        parts = parts[:-1]
+    return ".".join(parts), is_package
+
+
+def _violations(folder, forbidden):
+    found = []
+    for path in sorted((ROOT / folder).rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel in ALLOWED_FILES:
+            continue
+        module, is_package = _module_name(path)
+        for name in imported_modules(path.read_text(), module, is_package):
+            if any(name == f or name.startswith(f + ".") for f in forbidden):
+                found.append(f"{rel} imports {name}")
+    return found
+
+
+@pytest.mark.parametrize("folder", sorted(FORBIDDEN))
+def test_import_directions(folder):
+    assert (ROOT / folder).is_dir()
+    assert _violations(folder, FORBIDDEN[folder]) == []
+
+
+def test_the_checker_sees_every_import_form():
+    """A violation in each form the checker must catch (so the test above can fail)."""
+    source = (
+        "import tensorflow as tf\n"
+        "from keras_coherence import cli\n"
+        "def f():\n"
+        "    from ..binary import ops\n"
+        "from . import stats\n"
+    )
+    names = imported_modules(source, "keras_coherence.coherence.engine")
+    assert {"tensorflow", "keras_coherence.cli", "keras_coherence.binary.ops",
+            "keras_coherence.coherence.stats"} <= names
+    assert "keras_coherence.binary" in imported_modules("from .. import binary\n",
+                                                        "keras_coherence.coherence", is_package=True)
