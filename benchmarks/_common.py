@@ -13,7 +13,7 @@ import sys
 import time
 
 from keras_coherence import models
-from keras_coherence._keras import keras, tf
+from keras_coherence import keras, tf
 from keras_coherence.coherence.registry import rule_for
 
 # The models docs/benchmarks.md was measured with, 10 classes: on 28x28x1 inputs the MLP

@@ -264,7 +264,7 @@ def summarize(measured, top=12):
 # ------------------------------------------------------------------ parent side (TensorFlow)
 def export(model_name, method, batch_size, path):
     """Writes the training model; returns None, or why it does not lower (a string)."""
-    from keras_coherence._keras import keras
+    from keras_coherence import keras
     from keras_coherence.binary import export_training
     from keras_coherence.binary.models import build_model
 
@@ -295,7 +295,7 @@ def parse_methods(text):
 def keras_model(model_name, method):
     """The model the export starts from, compiled as the exported training step trains
     (Adam 1e-3, sparse cross-entropy from logits): the Keras step-time reference."""
-    from keras_coherence._keras import keras
+    from keras_coherence import keras
     from keras_coherence.binary.models import build_model
 
     keras.utils.set_random_seed(0)

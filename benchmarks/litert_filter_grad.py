@@ -40,7 +40,7 @@ def main(argv=None):
     import numpy as np
 
     from _common import litert_runner, use_threads
-    from keras_coherence._keras import tf
+    from keras_coherence import tf
     from keras_coherence.binary import ops
 
     use_threads(args.tf_threads)

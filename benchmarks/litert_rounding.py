@@ -129,7 +129,7 @@ def main(argv=None):
     from ai_edge_litert.interpreter import Interpreter
 
     from keras_coherence import data, models
-    from keras_coherence._keras import keras, tf
+    from keras_coherence import keras, tf
     from keras_coherence.quantization import quantize_model
     from keras_coherence.quantization.export import _interpreter, run_tflite, tflite_output_step, to_tflite
     from keras_coherence.quantization.litert import litert_rounding

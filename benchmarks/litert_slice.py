@@ -40,7 +40,7 @@ def main(argv=None):
     import numpy as np
 
     from _common import litert_runner
-    from keras_coherence._keras import tf
+    from keras_coherence import tf
     from keras_coherence.binary import ops
 
     n, shape = args.batch, [args.batch, args.size, args.size, args.channels]

@@ -62,7 +62,7 @@ def main(argv=None):
     import numpy as np
 
     import keras_coherence  # noqa: F401  (Keras 2 policy first)
-    from keras_coherence._keras import keras, tf
+    from keras_coherence import keras, tf
     from keras_coherence.quantization import MSQEPo2, MSQEPo2Baseline
 
     try:

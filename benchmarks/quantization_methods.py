@@ -188,7 +188,7 @@ def _float_control(float_model, train, test, epochs, optimizer, batch_size):
     """The float model (a copy) fine-tuned with the QAT schedule: test accuracy and step time."""
     import numpy as np
 
-    from keras_coherence._keras import keras
+    from keras_coherence import keras
     from keras_coherence.quantization.evaluate import StepTimer
 
     model = keras.models.clone_model(float_model)
@@ -218,7 +218,7 @@ def main(argv=None):
     args = parse_args(argv)
 
     from keras_coherence import data, models
-    from keras_coherence._keras import keras, tf
+    from keras_coherence import keras, tf
     from keras_coherence.quantization.evaluate import qat_evaluate
 
     (x_train, y_train), (x_test, y_test) = data.load_dataset(args.dataset)

@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from keras_coherence import data, gradient_stats  # noqa: E402
-from keras_coherence._keras import keras, tf  # noqa: E402
+from keras_coherence import keras, tf  # noqa: E402
 from keras_coherence.models import mlp  # noqa: E402
 from keras_coherence.plots import plot_coherence_comparison  # noqa: E402
 

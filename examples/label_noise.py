@@ -52,7 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from keras_coherence import __version__, data  # noqa: E402
 from keras_coherence import experiments as ex  # noqa: E402
-from keras_coherence._keras import keras, tf  # noqa: E402
+from keras_coherence import keras, tf  # noqa: E402
 
 DEFAULT_ARMS = "sgd,winsorized:c=1,winsorized:c=2,winsorized:c=4,winsorized:c=8,m3,rm3,ra3"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

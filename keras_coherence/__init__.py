@@ -15,4 +15,21 @@ from keras_coherence import aggregation  # noqa: E402,F401
 from keras_coherence import optimizers  # noqa: E402,F401
 from keras_coherence.coherence import gradient_stats, CoherenceStats  # noqa: E402,F401
 
-__all__ = ["keras", "data", "coherence", "callbacks", "aggregation", "optimizers", "gradient_stats", "CoherenceStats"]
+# Imported on first attribute access (they pull in tfmot, larq and LCE, or matplotlib):
+# ``kc.quantization.quantize_model`` works without an explicit ``import``.
+_LAZY = ("quantization", "binary", "models", "experiments", "plots")
+
+__all__ = ["keras", "data", "coherence", "callbacks", "aggregation", "optimizers", "gradient_stats",
+           "CoherenceStats", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f"keras_coherence.{name}")
+    raise AttributeError(f"module 'keras_coherence' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

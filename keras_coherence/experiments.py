@@ -63,7 +63,7 @@ def parse_arm(spec) -> Arm:
     """An :class:`Arm` from ``"sgd"``/``"mean"``, an aggregator spec (``"winsorized:c=4"``,
     ``"wgd:c=2"``, ``"m3"``, ``"m3:groups=5"``), or ``"rm3"`` / ``"ra3"`` (``"rmN"``,
     ``"raN"`` for a window of N). Raises ``ValueError`` with a readable message."""
-    from keras_coherence.aggregation import Aggregator, Mean, MedianOfMeans, Winsorized, get
+    from keras_coherence.aggregation import Aggregator, get
 
     if isinstance(spec, Arm):
         return spec
@@ -92,18 +92,9 @@ def parse_arm(spec) -> Arm:
                     "(= wgd), winsorized:percentile=P, m3 (= median_of_means, m3:groups=G), "
                     "rm3 / ra3 (rmN / raN for a window of N).") from None
             raise
-    if isinstance(aggregator, Mean):
-        return Arm("sgd", "SGD", "sgd")
-    if isinstance(aggregator, Winsorized):
-        label = (f"WGD c={aggregator.c}" if aggregator.c is not None
-                 else f"WGD p={aggregator.percentile:g}")
-        if aggregator.c == 0:
-            label += " (=SGD)"
-        return Arm(aggregator.spec(), label, "aggregator", aggregator=aggregator)
-    if isinstance(aggregator, MedianOfMeans):
-        label = "M3" if aggregator.groups == 3 else f"M3 ({aggregator.groups} groups)"
-        return Arm(aggregator.spec(), label, "aggregator", aggregator=aggregator)
-    return Arm(aggregator.spec(), type(aggregator).__name__, "aggregator", aggregator=aggregator)
+    if aggregator.plain:  # the mean gradient: Keras's own train step
+        return Arm("sgd", aggregator.label(), "sgd")
+    return Arm(aggregator.spec(), aggregator.label(), "aggregator", aggregator=aggregator)
 
 
 def check_arm(arm: Arm, batch_size: int, num_train: Optional[int] = None) -> None:
@@ -111,27 +102,19 @@ def check_arm(arm: Arm, batch_size: int, num_train: Optional[int] = None) -> Non
     examples: a winsorized ``c`` with ``2c >= batch`` (for the full batches or the
     last, shorter one that Keras's ``fit`` makes when ``batch_size`` does not divide
     ``num_train``), or more M3 groups than examples in a batch."""
-    from keras_coherence.aggregation import MedianOfMeans, Winsorized
-
     batches = [(batch_size, "a batch")]
     if num_train is not None:
         if num_train < batch_size:
             batches = [(num_train, f"the only batch ({num_train} training examples)")]
         elif num_train % batch_size:
             batches.append((num_train % batch_size, f"the last batch ({num_train} % {batch_size})"))
-    agg = arm.aggregator
-    if isinstance(agg, Winsorized) and agg.c is not None:
-        for b, which in batches:
-            if 2 * agg.c >= b:
-                raise ValueError(
-                    f"{arm.spec}: winsorizing c={agg.c} per side needs more than {2 * agg.c} "
-                    f"examples per batch, but {which} has {b}; use a smaller c, a larger "
-                    "batch size, or a training-set size that the batch size divides.")
-    if isinstance(agg, MedianOfMeans):
-        for b, which in batches:
-            if agg.groups > b:
-                raise ValueError(f"{arm.spec}: {agg.groups} groups need at least {agg.groups} "
-                                 f"examples per batch, but {which} has {b}.")
+    if arm.aggregator is None:
+        return
+    for b, which in batches:
+        try:
+            arm.aggregator.check_batch(b, which)
+        except ValueError as err:
+            raise ValueError(f"{arm.spec}: {err}") from None
 
 
 def build_arm_model(arm, base_model: keras.Model, lr: float,

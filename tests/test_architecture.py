@@ -85,3 +85,22 @@ def test_the_checker_sees_every_import_form():
             "keras_coherence.coherence.stats"} <= names
     assert "keras_coherence.binary" in imported_modules("from .. import binary\n",
                                                         "keras_coherence.coherence", is_package=True)
+
+
+def test_lazy_subpackages_are_attributes():
+    """``kc.quantization`` and friends work without an explicit import, and a plain
+    ``import keras_coherence`` does not load them (checked in a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, keras_coherence as kc\n"
+            "heavy = [m for m in ('keras_coherence.quantization', 'keras_coherence.binary') if m in sys.modules]\n"
+            "assert not heavy, heavy\n"
+            "assert callable(kc.quantization.quantize_model) and callable(kc.models.small_cnn)\n"
+            "assert kc.binary.__name__ == 'keras_coherence.binary'\n"
+            "assert 'quantization' in dir(kc)\n"
+            "try:\n    kc.nonexistent\nexcept AttributeError as e:\n    assert 'nonexistent' in str(e)\n"
+            "else:\n    raise SystemExit('no AttributeError')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env=dict(__import__("os").environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -8,7 +8,7 @@
   :class:`keras_coherence.optimizers.RunningMedian`.
 """
 from keras_coherence.aggregation.aggregators import (  # noqa: F401
-    Aggregator, Mean, MedianOfMeans, Winsorized, get,
+    Aggregator, Mean, MedianOfMeans, Winsorized, get, register,
 )
 from keras_coherence.aggregation.train_step import (  # noqa: F401
     AggregatedModel, aggregated_train_step, with_aggregator,

@@ -87,13 +87,34 @@ class Aggregator:
       gradients ``[B, ...]`` (of the batch-mean loss, so their plain sum is the usual
       gradient) and returns the update direction;
     * ``"groups"``: :meth:`combine` gets the group-mean gradients ``[G, ...]``.
+
+    What the train steps and the experiments ask of every aggregator, so that none of
+    them branches on its class: :meth:`reduce` (``per_example`` kind) with the global
+    batch size, optionally ``reduce_outer(a, dz, global_batch=...)`` for per-example
+    gradients that are outer products, :meth:`check_batch`, :meth:`label`, and
+    ``plain`` (True when the update is the usual mean gradient, so Keras's own step
+    trains it).
     """
 
     kind = "per_example"
     name = "aggregator"
+    plain = False
 
     def get_config(self):
         return {}
+
+    def reduce(self, per_example, *, global_batch=None):
+        """The update direction from one variable's per-example gradients ``[B, ...]``;
+        ``global_batch``: the examples over all replicas (None: ``B``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not reduce per-example gradients.")
+
+    def check_batch(self, batch: int, which: str = "a batch") -> None:
+        """Raise ``ValueError`` (what is wrong and how to fix it) if a batch of ``batch``
+        examples -- ``which`` names it in the message -- cannot be aggregated."""
+
+    def label(self) -> str:
+        """A short name for plots and tables."""
+        return type(self).__name__
 
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
@@ -109,8 +130,12 @@ class Mean(Aggregator):
     """Plain gradient descent: the sum of the per-example gradients of the mean loss."""
 
     name = "mean"
+    plain = True
 
-    def reduce(self, per_example):
+    def label(self):
+        return "SGD"
+
+    def reduce(self, per_example, *, global_batch=None):
         total = tf.reduce_sum(per_example, 0)
         if _in_replica_context():
             total = tf.distribute.get_replica_context().all_reduce("sum", total)
@@ -224,7 +249,18 @@ class Winsorized(Aggregator):
             c = self._static_count(static_batch)
         return c if c + 1 <= _NETWORK_MAX_K else None
 
-    def reduce(self, per_example, global_batch=None):
+    def label(self):
+        text = f"WGD c={self.c}" if self.c is not None else f"WGD p={self.percentile:g}"
+        return text + (" (=SGD)" if self.c == 0 else "")
+
+    def check_batch(self, batch, which="a batch"):
+        if self.c is not None and 2 * self.c >= batch:
+            raise ValueError(
+                f"winsorizing c={self.c} per side needs more than {2 * self.c} examples per batch, "
+                f"but {which} has {batch}; use a smaller c, a larger batch size, or a training-set "
+                "size that the batch size divides.")
+
+    def reduce(self, per_example, *, global_batch=None):
         per_example = tf.convert_to_tensor(per_example)
         batch = global_batch
         if batch is None:
@@ -241,7 +277,7 @@ class Winsorized(Aggregator):
             return tf.reshape(out, tf.shape(per_example)[1:])
         return self._reduce_top_k(per_example, c)
 
-    def reduce_outer(self, a, dz, global_batch=None):
+    def reduce_outer(self, a, dz, *, global_batch=None):
         """:meth:`reduce` of the per-example outer products ``a_i (outer) dz_i``
         (``a``: ``[B, n_in]``, ``dz``: ``[B, n_out]``; the result is ``[n_in, n_out]``)
         without forming them when the selection network applies (else they are formed
@@ -504,6 +540,14 @@ class MedianOfMeans(Aggregator):
     def get_config(self):
         return {"groups": self.groups}
 
+    def label(self):
+        return "M3" if self.groups == 3 else f"M3 ({self.groups} groups)"
+
+    def check_batch(self, batch, which="a batch"):
+        if self.groups > batch:
+            raise ValueError(f"{self.groups} groups need at least {self.groups} examples per batch, "
+                             f"but {which} has {batch}.")
+
     def batch_checks(self, batch):
         """The run-time checks (ops) that a (global) batch of ``batch`` examples fills
         every group; a batch size known while tracing is checked at once (ValueError)."""
@@ -541,8 +585,44 @@ def coordinate_median(tensors):
     return 0.5 * (ordered[mid - 1] + ordered[mid])
 
 
-_BY_NAME = {"mean": Mean, "sgd": Mean, "winsorized": Winsorized, "wgd": Winsorized,
-            "m3": MedianOfMeans, "median_of_means": MedianOfMeans}
+_BY_NAME = {}
+
+
+def register(*names: str, replace: bool = False):
+    """Class decorator: make an :class:`Aggregator` subclass reachable by ``names`` in
+    spec strings (``get("name:key=value")``, ``with_aggregator``, the command line's
+    ``--aggregators``). A name already taken raises ``ValueError`` unless ``replace=True``.
+
+    Example:
+      >>> import keras_coherence as kc
+      >>> @kc.aggregation.register("sum_of_signs")
+      ... class SumOfSigns(kc.aggregation.Aggregator):
+      ...     name = "sum_of_signs"
+      ...     def reduce(self, per_example, *, global_batch=None):
+      ...         return kc.tf.reduce_sum(kc.tf.sign(per_example), 0)
+      >>> kc.aggregation.get("sum_of_signs").label()
+      'SumOfSigns'
+    """
+    if not names:
+        raise ValueError("register needs at least one name, e.g. @register(\"my_aggregator\").")
+
+    def decorate(cls):
+        if not (isinstance(cls, type) and issubclass(cls, Aggregator)):
+            raise TypeError(f"register decorates Aggregator subclasses, not {cls!r}.")
+        for name in names:
+            key = name.strip().lower()
+            if key in _BY_NAME and _BY_NAME[key] is not cls and not replace:
+                raise ValueError(f"The aggregator name {key!r} is taken by {_BY_NAME[key].__name__}; "
+                                 "pick another name, or pass replace=True to override it.")
+            _BY_NAME[key] = cls
+        return cls
+
+    return decorate
+
+
+register("mean", "sgd")(Mean)
+register("winsorized", "wgd")(Winsorized)
+register("m3", "median_of_means")(MedianOfMeans)
 
 
 def get(spec) -> Aggregator:

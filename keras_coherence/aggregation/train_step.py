@@ -84,14 +84,12 @@ def aggregated_train_step(model, data, aggregator, report_coherence=False, per_l
             # dropped before the next layer's, so peak memory is ~ batch x largest layer.
             with tf.control_dependencies(previous):
                 per_example = layer_per_example_grads(result, name)
-                outer = _outer_factors(result, name) if isinstance(aggregator, agg.Winsorized) else {}
+                outer = _outer_factors(result, name) if hasattr(aggregator, "reduce_outer") else {}
                 for key, g in per_example.items():
                     if key in outer:  # unused per-example kernel gradients are pruned from the graph
                         update[key] = aggregator.reduce_outer(*outer[key], global_batch=global_batch)
-                    elif isinstance(aggregator, agg.Winsorized):
-                        update[key] = aggregator.reduce(g, global_batch=global_batch)
                     else:
-                        update[key] = aggregator.reduce(g)
+                        update[key] = aggregator.reduce(g, global_batch=global_batch)
             previous = [update[k] for k in per_example]
     elif aggregator.kind == "groups":
         bounds, sizes, loss_scale, total = _group_bounds(local_batch, aggregator.groups)
