@@ -1,5 +1,13 @@
-"""Keras callbacks: :class:`CoherenceMonitor` logs gradient coherence of a fixed probe
-sample during any ``model.fit``, without changing the model."""
+"""Every Keras callback of the package, in one place:
+
+* :class:`CoherenceMonitor` (here): gradient coherence of a fixed probe sample during any
+  ``model.fit``, without changing the model;
+* ``ScaleMonitor``: every PO2 quantizer's exponents, flips and MSQE during QAT
+  (defined in ``keras_coherence.quantization.monitor``; loaded on first use, it needs tfmot);
+* ``SubsetAccuracy``: accuracy on named subsets (clean / corrupted labels) per epoch
+  (``keras_coherence.experiments``);
+* ``StepTimer``: the wall time of every training batch (``keras_coherence.quantization.evaluate``).
+"""
 from __future__ import annotations
 
 import csv
@@ -124,3 +132,20 @@ class CoherenceMonitor(keras.callbacks.Callback):
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+# Callbacks that live next to what they watch, re-exported here on first use (importing
+# them eagerly would pull tfmot into ``import keras_coherence``).
+_ELSEWHERE = {
+    "ScaleMonitor": "keras_coherence.quantization.monitor",
+    "SubsetAccuracy": "keras_coherence.experiments",
+    "StepTimer": "keras_coherence.quantization.evaluate",
+}
+
+
+def __getattr__(name):
+    if name in _ELSEWHERE:
+        import importlib
+
+        return getattr(importlib.import_module(_ELSEWHERE[name]), name)
+    raise AttributeError(f"module 'keras_coherence.callbacks' has no attribute {name!r}")

@@ -99,6 +99,8 @@ def test_lazy_subpackages_are_attributes():
             "assert callable(kc.quantization.quantize_model) and callable(kc.models.small_cnn)\n"
             "assert kc.binary.__name__ == 'keras_coherence.binary'\n"
             "assert 'quantization' in dir(kc)\n"
+            "assert kc.callbacks.ScaleMonitor.__module__ == 'keras_coherence.quantization.monitor'\n"
+            "assert kc.callbacks.SubsetAccuracy.__name__ == 'SubsetAccuracy' and kc.callbacks.StepTimer\n"
             "try:\n    kc.nonexistent\nexcept AttributeError as e:\n    assert 'nonexistent' in str(e)\n"
             "else:\n    raise SystemExit('no AttributeError')\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
