@@ -612,7 +612,25 @@ def aggregate_command(args):
 # --------------------------------------------------------------------------------------
 
 QUANTIZE_MODELS = ("mlp", "small_cnn", "mobilenet_v1", "mobilenet_v2")
-QUANTIZE_METHODS = ("msqe_baseline", "msqe", "learned", "tfmot8")
+class _QuantizeMethods:
+    """``--method`` choices, read when the arguments are parsed: the registered
+    quantizers' short names (``quantizers.register``) and ``tfmot8``."""
+
+    def _names(self):
+        from keras_coherence.quantization.quantizers import ALIASES, METHODS
+
+        short = [m for m in METHODS if m not in ALIASES]
+        covered = {METHODS[m] for m in short}  # a quantizer with a short name is listed once
+        return short + [a for a in ALIASES if a not in covered] + ["tfmot8"]
+
+    def __iter__(self):
+        return iter(self._names())
+
+    def __contains__(self, name):
+        return name in self._names()
+
+
+QUANTIZE_METHODS = _QuantizeMethods()
 
 
 #: The ``quantize`` options (with ``TRAINING_ARGS`` less --model, --epochs and the label noise).

@@ -62,14 +62,7 @@ __all__ = [
 _tq = tfmot.quantization.keras
 _register = keras.utils.register_keras_serializable(package="keras_coherence")
 
-METHODS = {
-    "msqe": "msqe_po2",
-    "msqe_baseline": "msqe_po2_baseline",
-    "learned": "learned_po2",
-    "msqe_po2": "msqe_po2",
-    "msqe_po2_baseline": "msqe_po2_baseline",
-    "learned_po2": "learned_po2",
-}
+METHODS = _quantizers.METHODS  # method names -> quantizer aliases (quantizers.register adds to it)
 _LAYOUTS = ("dense", "conv", "depthwise")
 
 

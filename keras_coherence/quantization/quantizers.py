@@ -513,6 +513,37 @@ ALIASES = {
     "learned_po2": LearnedPo2,
 }
 _OBJECTS = {**ALIASES, **{cls.__name__: cls for cls in ALIASES.values()}}
+#: ``quantize_model(method=...)`` / ``--method`` names -> quantizer alias.
+METHODS = {
+    "msqe": "msqe_po2",
+    "msqe_baseline": "msqe_po2_baseline",
+    "learned": "learned_po2",
+    **{alias: alias for alias in ALIASES},
+}
+
+
+def register(alias: str, *methods: str, replace: bool = False):
+    """Class decorator: make a :class:`PO2Quantizer` subclass a quantizer of the
+    package -- ``get(alias)``, Keras serialization (``save``/``load_model``),
+    ``quantize_model(method=...)`` and ``keras-coherence quantize --method`` under
+    ``alias`` and the short ``methods`` names. A name already taken raises ``ValueError``
+    unless ``replace=True``."""
+
+    def decorate(cls):
+        if not (isinstance(cls, type) and issubclass(cls, PO2Quantizer)):
+            raise TypeError(f"register decorates PO2Quantizer subclasses, not {cls!r}.")
+        for name, table in [(alias, ALIASES), *((m, METHODS) for m in methods)]:
+            taken = table.get(name)
+            if taken is not None and taken not in (cls, alias) and not replace:
+                raise ValueError(f"The quantizer name {name!r} is taken ({taken if isinstance(taken, str) else taken.__name__}); "
+                                 "pick another name, or pass replace=True to override it.")
+        keras.utils.register_keras_serializable(package="keras_coherence")(cls)
+        ALIASES[alias] = _OBJECTS[alias] = _OBJECTS[cls.__name__] = cls
+        for name in (alias, *methods):
+            METHODS[name] = alias
+        return cls
+
+    return decorate
 
 
 def serialize(quantizer):
