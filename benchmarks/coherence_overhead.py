@@ -76,10 +76,8 @@ def parse_args(argv=None):
 def run_both_onednn_settings(argv):
     """``--onednn both``: this script once per setting, each in a fresh process (the
     setting is read when TensorFlow loads), then the ratios side by side."""
-    base = [a for a in argv if not a.startswith("--onednn")]
-    if "--onednn" in argv:  # "--onednn both" as two tokens
-        i = argv.index("--onednn")
-        base = argv[:i] + argv[i + 2:]
+    i = argv.index("--onednn") if "--onednn" in argv else None  # "--onednn both" or "--onednn=both"
+    base = argv[:i] + argv[i + 2:] if i is not None else [a for a in argv if not a.startswith("--onednn=")]
     ratios = {}
     with tempfile.TemporaryDirectory() as tmp:
         for setting in ONEDNN:

@@ -53,7 +53,25 @@ def test_spec_string_round_trip_and_names():
     assert agg.spec() == "toy_median:min_batch=4"
     assert isinstance(kc.aggregation.get("coordinate_median"), ToyMedian)
     with pytest.raises(ValueError, match="'toy_median' is taken by ToyMedian"):
-        register("toy_median")(type("Other", (Aggregator,), {}))
+        register("toy_median")(type("Other", (ToyMedian,), {}))
+
+
+def test_an_aggregator_without_its_method_is_refused_at_registration():
+    class NoReduce(Aggregator):
+        name = "no_reduce"
+
+    class NoCombine(Aggregator):
+        kind = "groups"
+
+    with pytest.raises(TypeError, match=r"NoReduce has kind 'per_example' but no reduce"):
+        register("no_reduce")(NoReduce)
+    with pytest.raises(TypeError, match="NoCombine has kind 'groups' but no combine"):
+        register("no_combine")(NoCombine)
+    with pytest.raises(TypeError, match="implement it, or set kind = 'groups'"):
+        NoReduce().reduce(tf.zeros((2, 3)))
+    with pytest.raises(TypeError, match="MedianOfMeans combines group means"):
+        kc.aggregation.MedianOfMeans().reduce(tf.zeros((2, 3)))
+    assert "no_reduce" not in kc.aggregation.aggregators._BY_NAME
 
 
 def test_toy_trains_through_compile_and_fit_like_numpy():

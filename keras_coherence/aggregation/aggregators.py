@@ -106,7 +106,8 @@ class Aggregator:
     def reduce(self, per_example, *, global_batch=None):
         """The update direction from one variable's per-example gradients ``[B, ...]``;
         ``global_batch``: the examples over all replicas (None: ``B``)."""
-        raise NotImplementedError(f"{type(self).__name__} does not reduce per-example gradients.")
+        raise TypeError(_missing_method(type(self)) or
+                        f"{type(self).__name__} combines group means (kind 'groups'): it has no reduce.")
 
     def check_batch(self, batch: int, which: str = "a batch") -> None:
         """Raise ``ValueError`` (what is wrong and how to fix it) if a batch of ``batch``
@@ -588,6 +589,18 @@ def coordinate_median(tensors):
 _BY_NAME = {}
 
 
+def _missing_method(cls):
+    """Why ``cls`` cannot aggregate, or None: the method its ``kind`` needs is missing."""
+    if cls.kind == "per_example" and cls.reduce is Aggregator.reduce:
+        return (f"{cls.__name__} has kind 'per_example' but no reduce(per_example, *, global_batch=None); "
+                "implement it, or set kind = 'groups' and implement combine(group_means).")
+    if cls.kind == "groups" and not callable(getattr(cls, "combine", None)):
+        return f"{cls.__name__} has kind 'groups' but no combine(group_means); implement it."
+    if cls.kind not in ("per_example", "groups"):
+        return f"{cls.__name__}.kind must be 'per_example' or 'groups', got {cls.kind!r}."
+    return None
+
+
 def register(*names: str, replace: bool = False):
     """Class decorator: make an :class:`Aggregator` subclass reachable by ``names`` in
     spec strings (``get("name:key=value")``, ``with_aggregator``, the command line's
@@ -609,6 +622,8 @@ def register(*names: str, replace: bool = False):
     def decorate(cls):
         if not (isinstance(cls, type) and issubclass(cls, Aggregator)):
             raise TypeError(f"register decorates Aggregator subclasses, not {cls!r}.")
+        if _missing_method(cls):
+            raise TypeError(_missing_method(cls))
         for name in names:
             key = name.strip().lower()
             if key in _BY_NAME and _BY_NAME[key] is not cls and not replace:
