@@ -16,8 +16,6 @@ op unchanged. Installed when ``keras_coherence.quantization.qat`` is imported.
 """
 from keras_coherence._keras import tf
 
-_INSTALLED = {}
-
 
 def _replicas():
     if not tf.distribute.has_strategy() or tf.distribute.in_cross_replica_context():
