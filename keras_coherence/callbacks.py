@@ -4,15 +4,17 @@
   ``model.fit``, without changing the model;
 * ``ScaleMonitor``: every PO2 quantizer's exponents, flips and MSQE during QAT
   (defined in ``keras_coherence.quantization.monitor``; loaded on first use, it needs tfmot);
-* ``SubsetAccuracy``: accuracy on named subsets (clean / corrupted labels) per epoch
-  (``keras_coherence.experiments``);
+* :class:`SubsetAccuracy` (here): accuracy on named subsets (clean / corrupted labels) per epoch;
 * ``StepTimer``: the wall time of every training batch (``keras_coherence.quantization.evaluate``).
 """
 from __future__ import annotations
 
 import csv
 import os
-from typing import Dict, List, Optional
+import time
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
 
 from keras_coherence._keras import keras, tf
 from keras_coherence.coherence.stats import gradient_stats, validate_sample
@@ -134,11 +136,112 @@ class CoherenceMonitor(keras.callbacks.Callback):
             self._writer = None
 
 
+def _predict_classes_fn(model):
+    @tf.function(reduce_retracing=True)
+    def predict(x):
+        return tf.argmax(model(x, training=False), axis=-1, output_type=tf.int64)
+    return predict
+
+
+def classification_accuracy(model: keras.Model, x, y, batch_size: int = 1000, _fn=None) -> float:
+    """Fraction of ``x`` whose argmax prediction equals the integer label ``y`` (nan when
+    empty)."""
+    if len(x) == 0:
+        return float("nan")
+    fn = _fn or _predict_classes_fn(model)
+    pred = np.concatenate([fn(tf.constant(x[i:i + batch_size])).numpy()
+                           for i in range(0, len(x), batch_size)])
+    return float(np.mean(pred == np.asarray(y).reshape(-1)))
+
+
+class SubsetAccuracy(keras.callbacks.Callback):
+    """Record the accuracy on named subsets ``{name: (x, y)}`` before training (epoch 0)
+    and after the epochs in ``epochs`` (1-based; ``None`` = after every epoch).
+
+    Subsets that share the same ``x`` object (e.g. the corrupt examples scored against
+    their noisy and their true labels) are predicted once. Each row of :attr:`rows` has
+    ``epoch``, ``step``, ``seconds`` (training time so far, evaluation excluded),
+    ``<name>_accuracy`` for each subset, ``loss`` (mean training loss of the epoch,
+    with its other logged metrics such as ``accuracy`` as ``train_<metric>``) and,
+    when the model logs it, ``m_coherence`` (mean over the epoch's batches).
+    ``on_row(row)`` is called with each new row (e.g. to print progress). With
+    ``add_to_logs=True`` the accuracies also go into the epoch's logs as
+    ``<name>_acc``, so Keras's progress bar and ``History`` show them.
+    """
+
+    def __init__(self, subsets: Mapping[str, Tuple[np.ndarray, np.ndarray]],
+                 epochs: Optional[Sequence[int]] = None, batch_size: int = 1000, on_row=None,
+                 add_to_logs: bool = False):
+        super().__init__()
+        self.subsets = dict(subsets)
+        self.add_to_logs = add_to_logs
+        self.epochs = None if epochs is None else set(int(e) for e in epochs)
+        self.batch_size = batch_size
+        self.on_row = on_row
+        self.rows: List[Dict[str, float]] = []
+        self.epoch_seconds: List[float] = []  # training time of each epoch
+        self._fn = None
+        self._step = 0
+        self._seconds = 0.0
+        self._batch_logs: Dict[str, List[float]] = {}
+
+    def _measure(self, epoch, epoch_logs=None):
+        if self._fn is None:
+            self._fn = _predict_classes_fn(self.model)
+        predictions = {}
+        row = {"epoch": epoch, "step": self._step, "seconds": round(self._seconds, 4)}
+        for name, (x, y) in self.subsets.items():
+            key = id(x)
+            if key not in predictions:
+                predictions[key] = (np.concatenate([
+                    self._fn(tf.constant(x[i:i + self.batch_size])).numpy()
+                    for i in range(0, len(x), self.batch_size)]) if len(x) else np.zeros(0, np.int64))
+            pred = predictions[key]
+            row[f"{name}_accuracy"] = float(np.mean(pred == np.asarray(y).reshape(-1))) if len(x) else float("nan")
+        for key, values in self._batch_logs.items():
+            if values:
+                row[key if key in ("loss", "m_coherence", "alpha") else f"train_{key}"] = float(np.mean(values))
+        self.rows.append(row)
+        if self.on_row is not None:
+            self.on_row(row)
+
+    def on_train_begin(self, logs=None):
+        if not self.rows:
+            self._measure(0)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._batch_logs = {}
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._step += 1
+        for key, value in (logs or {}).items():
+            if key in ("m_coherence", "alpha"):  # per-batch values: average them
+                self._batch_logs.setdefault(key, []).append(float(value))
+
+    def steady_seconds_per_epoch(self) -> float:
+        """Median training time of an epoch, the first (which traces the step) left out
+        when there are others."""
+        times = self.epoch_seconds[1:] or self.epoch_seconds
+        return float(np.median(times)) if times else float("nan")
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epoch_seconds.append(time.perf_counter() - self._t0)
+        self._seconds += self.epoch_seconds[-1]
+        for key, value in (logs or {}).items():  # Keras's running means over the epoch
+            if key not in ("m_coherence", "alpha"):
+                self._batch_logs[key] = [float(value)]
+        if self.epochs is None or epoch + 1 in self.epochs:
+            self._measure(epoch + 1)
+            if self.add_to_logs and logs is not None:
+                for name in self.subsets:
+                    logs[f"{name}_acc"] = self.rows[-1][f"{name}_accuracy"]
+
+
 # Callbacks that live next to what they watch, re-exported here on first use (importing
 # them eagerly would pull tfmot into ``import keras_coherence``).
 _ELSEWHERE = {
     "ScaleMonitor": "keras_coherence.quantization.monitor",
-    "SubsetAccuracy": "keras_coherence.experiments",
     "StepTimer": "keras_coherence.quantization.evaluate",
 }
 

@@ -243,24 +243,25 @@ def test_low_memory_cnv_with_max_pool_trains_in_litert():
 
 
 def test_documented_commands_end_to_end(tmp_path, capsys):
-    """export -> (edge runner) train -> lce -> keras-train, on 300 embedded-MNIST images."""
+    """edge-export -> (edge runner) train -> edge-lce -> edge-keras-train, on 300 embedded-MNIST images."""
     import json
 
     from edge import runner
+    from keras_coherence import cli
 
     common = ["--model", "mlp", "--method", "low_memory", "--hidden", "16"]
-    export_training.main(["export", *common, "--max-examples", "300", "--out", str(tmp_path)])
+    cli.main(["edge-export", *common, "--max-examples", "300", "--out", str(tmp_path)])
     exported = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert exported["bytes"] > 0 and exported["train_examples"] == 300
     summary = runner.train(str(tmp_path / "train.tflite"), str(tmp_path / "train.npz"), epochs=1, batch_size=50,
                            checkpoint_dir=str(tmp_path / "ckpt"), progress=False)
     assert summary["steps"] >= 1
-    export_training.main(["lce", *common, "--weights", str(tmp_path / "ckpt" / "epoch_0001.npz"),
-                          "--data", str(tmp_path / "test.npz"), "--out", str(tmp_path), "--parity-examples", "20"])
+    cli.main(["edge-lce", *common, "--weights", str(tmp_path / "ckpt" / "epoch_0001.npz"),
+              "--data", str(tmp_path / "test.npz"), "--out", str(tmp_path), "--parity-examples", "20"])
     lce = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert lce["lce_accuracy"] == lce["keras_accuracy"] and lce["argmax_agreement"] == 1.0
     assert "LceBconv2d" in lce["lce_ops"] and (tmp_path / "model_lce.tflite").exists()
-    export_training.main(["keras-train", *common, "--data", str(tmp_path / "train.npz"), "--batch-size", "50"])
+    cli.main(["edge-keras-train", *common, "--data", str(tmp_path / "train.npz"), "--batch-size", "50"])
     keras_run = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert keras_run["steps"] == summary["steps"] and keras_run["peak_rss_mib"] >= keras_run["setup_peak_rss_mib"]
 

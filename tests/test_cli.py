@@ -13,7 +13,11 @@ from conftest import assert_png as _assert_png
 from conftest import read_csv as _read_csv
 from conftest import read_run_outputs
 
+import dataclasses
+
 from keras_coherence import cli, models, plots
+from keras_coherence.workflows import _common, demo
+from keras_coherence.workflows import coherence as coherence_workflow
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.usefixtures("cache_in_tmp")
@@ -75,13 +79,13 @@ def test_coherence_first_row_equals_brute_force_on_the_same_initial_model(tiny_r
 
     _, out = tiny_run
     rows, summary = read_run_outputs(out, "coherence")
-    args = cli._defaults([*cli.TRAINING_ARGS, *cli.COHERENCE_ARGS], max_train=256, epochs=1, batch_size=32,
-                         probe_size=64, every_n_steps=3, hidden=(16,), quiet=True, seed=1, label_noise=0.5)
+    args = coherence_workflow.Config(max_train=256, epochs=1, batch_size=32, probe_size=64, every_n_steps=3,
+                                     hidden=(16,), quiet=True, seed=1, label_noise=0.5)
     keras.utils.set_random_seed(args.seed)  # the run's own order of random draws
-    (x_train, y_train), _, num_classes, input_shape = cli._load_data(args)
-    y_fit, _ = cli._noise(args, y_train, num_classes)
+    (x_train, y_train), _, num_classes, input_shape = _common.load_data(args)
+    y_fit, _ = _common.noisy_labels(args, y_train, num_classes)
     probe = np.sort(np.random.default_rng(args.seed).choice(len(x_train), size=64, replace=False))
-    model = cli._build(args, input_shape, num_classes)
+    model = _common.build_float_model(args, input_shape, num_classes)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     ref_mc, *_ = coherence_reference(model, loss, x_train[probe], y_fit[probe])
     assert int(rows[0]["step"]) == 0
@@ -124,14 +128,15 @@ def test_bad_arguments_exit_2_with_one_line(argv, fragment, capsys, tmp_path):
 def test_demo_writes_its_sections(tmp_path, capsys, monkeypatch):
     """`demo` runs every section in order into <--out>/<section>/. The sections are shrunk
     here (each section's own test checks its figures; `make demo` runs the full size)."""
-    monkeypatch.setattr(cli, "_DEMO_COHERENCE", dict(cli._DEMO_COHERENCE, max_train=200, epochs=1,
-                                                     probe_size=32, every_n_steps=2))
-    monkeypatch.setattr(cli, "_DEMO_AGGREGATION", dict(cli._DEMO_AGGREGATION, max_train=100, epochs=1,
-                                                       aggregators=("sgd", "winsorized:c=2")))
-    monkeypatch.setattr(cli, "_DEMO_QUANTIZATION", dict(cli._DEMO_QUANTIZATION, hidden=(8,), max_train=128,
-                                                        float_epochs=1, qat_epochs=1))
-    monkeypatch.setattr(cli, "_DEMO_BNN", dict(cli._DEMO_BNN, hidden=(16,), max_train=256, batch_size=64,
-                                               epochs=1, device_steps=1))
+    presets = demo.PRESETS
+    monkeypatch.setitem(presets, "coherence", dataclasses.replace(presets["coherence"], max_train=200, epochs=1,
+                                                                  probe_size=32, every_n_steps=2))
+    monkeypatch.setitem(presets, "aggregation", demo.AggregationDemo(
+        ("sgd", "winsorized:c=2"), dataclasses.replace(presets["aggregation"].base, max_train=100, epochs=1)))
+    monkeypatch.setitem(presets, "quantization", dataclasses.replace(presets["quantization"], hidden=(8,),
+                                                                     max_train=128, float_epochs=1, qat_epochs=1))
+    monkeypatch.setitem(presets, "bnn", dataclasses.replace(presets["bnn"], hidden=(16,), max_train=256,
+                                                            batch_size=64, epochs=1, device_steps=1))
     assert cli.main(["demo", "--out", str(tmp_path / "demo"), "--quiet"]) == 0
     out = tmp_path / "demo"
     assert sorted(os.listdir(out)) == ["aggregation", "bnn", "coherence", "quantization"]

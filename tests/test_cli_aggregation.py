@@ -1,4 +1,6 @@
-"""The ``aggregate`` command, the aggregation demo section and keras_coherence.experiments."""
+"""The ``aggregate`` command, the aggregation demo section, the arms and
+keras_coherence.workflows.experiments."""
+import dataclasses
 import json
 import math
 
@@ -8,7 +10,9 @@ from conftest import assert_png as _assert_png
 from conftest import read_csv as _read_csv
 from conftest import read_run_outputs
 
-from keras_coherence import cli, experiments
+from keras_coherence import cli
+from keras_coherence.aggregation import arms
+from keras_coherence.workflows import demo, experiments
 
 pytestmark = pytest.mark.usefixtures("cache_in_tmp")
 
@@ -132,8 +136,9 @@ def test_aggregate_help_lists_the_options(capsys):
 
 def test_demo_aggregation_section(tmp_path, capsys, monkeypatch):
     # The real section (300 images, 40 epochs) takes about a minute; this one a few seconds.
-    monkeypatch.setattr(cli, "_DEMO_AGGREGATION", dict(cli._DEMO_AGGREGATION, max_train=100, epochs=2,
-                                                       hidden=(8,)))
+    preset = demo.PRESETS["aggregation"]
+    monkeypatch.setitem(demo.PRESETS, "aggregation", dataclasses.replace(
+        preset, base=dataclasses.replace(preset.base, max_train=100, epochs=2, hidden=(8,))))
     assert cli.main(["demo", "--only", "aggregation", "--out", str(tmp_path), "--quiet"]) == 0
     section = tmp_path / "aggregation"
     _assert_png(section / "aggregation.png")
@@ -192,5 +197,6 @@ def test_subset_accuracy_and_files(tmp_path):
 def test_experiments_docstring_examples():
     import doctest
 
-    result = doctest.testmod(experiments, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted > 0 and result.failed == 0
+    for module in (experiments, arms):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+        assert result.attempted > 0 and result.failed == 0, module.__name__

@@ -19,6 +19,7 @@ from keras_coherence._keras import keras
 from keras_coherence.binary import export_lce, export_training
 from keras_coherence.binary.memory import COLUMNS
 from keras_coherence.binary.models import build_model
+from keras_coherence.workflows import bnn as bnn_workflow
 
 pytestmark = pytest.mark.usefixtures("cache_in_tmp")
 
@@ -232,7 +233,7 @@ def test_keras_adam_state_is_the_moments_of_the_step():
     # the same model: the tape changed no trainable weight (only batch-norm moving statistics)
     model.compile(keras.optimizers.Adam(1e-3), loss_fn)
     model.train_on_batch(x, y)
-    state = cli._keras_adam_state(module, model.optimizer)
+    state = bnn_workflow.keras_adam_state(module, model.optimizer)
     assert float(state["adam_step"]) == 1.0
     assert set(state) == {"adam_step"} | {f"adam_{k}_{n}" for n in module.trainable_names for k in "mv"}
     for name, g in grads.items():
@@ -248,9 +249,9 @@ def test_keras_adam_state_refuses_partial_state_and_bop_is_fresh():
     kernel = model.get_layer("fc_1").kernel
     adam.apply_gradients([(keras.backend.zeros_like(kernel), kernel)])   # only one variable has moments
     with pytest.raises(ValueError, match=r"cannot be carried to the device: no moments for \['adam_m_bn_fc_1_beta'"):
-        cli._keras_adam_state(module, adam)
+        bnn_workflow.keras_adam_state(module, adam)
     # Bop's state is no Adam moment: the documented choice is fresh device moments
-    assert cli._keras_adam_state(module, make_optimizer("bop")) is None
+    assert bnn_workflow.keras_adam_state(module, make_optimizer("bop")) is None
 
 
 @pytest.mark.parametrize("extra, fragment", [

@@ -6,10 +6,11 @@ import os
 import pytest
 
 from keras_coherence import cli
+from keras_coherence.workflows import aggregate, bnn, coherence, demo, quantize
 
 
 def _fake_run(calls, behaviour="ok", csv_text="step,value\n0,1\n"):
-    """A stand-in for run_coherence: writes a CSV and a summary that records its own
+    """A stand-in for workflows.coherence.run: writes a CSV and a summary that records its own
     path (as the real runs do), then succeeds or fails as told."""
     def run(args, out_dir, log=print):
         calls.append(out_dir)
@@ -37,7 +38,7 @@ def _hidden(parent):
 
 def test_results_land_in_out_with_their_final_paths(tmp_path, monkeypatch, capsys):
     calls = []
-    monkeypatch.setattr(cli, "run_coherence", _fake_run(calls))
+    monkeypatch.setattr(coherence, "run", _fake_run(calls))
     out = tmp_path / "runs" / "first"
     assert cli.main(["coherence", "--out", str(out)]) == 0
     assert calls[0] != str(out)  # the run wrote into a staging folder ...
@@ -50,10 +51,10 @@ def test_results_land_in_out_with_their_final_paths(tmp_path, monkeypatch, capsy
 @pytest.mark.parametrize("behaviour, status", [("interrupt", 130), ("error", 2)])
 def test_failed_rerun_leaves_the_previous_results_untouched(tmp_path, monkeypatch, behaviour, status):
     out = tmp_path / "run"
-    monkeypatch.setattr(cli, "run_coherence", _fake_run([]))
+    monkeypatch.setattr(coherence, "run", _fake_run([]))
     assert cli.main(["coherence", "--out", str(out)]) == 0
     before = _snapshot(out)
-    monkeypatch.setattr(cli, "run_coherence", _fake_run([], behaviour, csv_text="partial\n"))
+    monkeypatch.setattr(coherence, "run", _fake_run([], behaviour, csv_text="partial\n"))
     assert cli.main(["coherence", "--out", str(out)]) == status
     assert _snapshot(out) == before
     assert _hidden(tmp_path) == []
@@ -63,7 +64,7 @@ def test_successful_rerun_replaces_the_whole_folder(tmp_path, monkeypatch):
     out = tmp_path / "run"
     out.mkdir()
     (out / "old_plot.png").write_bytes(b"old")
-    monkeypatch.setattr(cli, "run_coherence", _fake_run([], csv_text="new\n"))
+    monkeypatch.setattr(coherence, "run", _fake_run([], csv_text="new\n"))
     assert cli.main(["coherence", "--out", str(out)]) == 0
     assert sorted(os.listdir(out)) == ["coherence.csv", "summary.json"]
     assert (out / "coherence.csv").read_text() == "new\n"
@@ -74,7 +75,7 @@ def test_a_killed_runs_staging_folder_is_removed_by_the_next_run(tmp_path, monke
     stale = tmp_path / ".run.partial-abc123"
     stale.mkdir()
     (stale / "coherence.csv").write_text("half")
-    monkeypatch.setattr(cli, "run_coherence", _fake_run([]))
+    monkeypatch.setattr(coherence, "run", _fake_run([]))
     assert cli.main(["coherence", "--out", str(tmp_path / "run")]) == 0
     assert not stale.exists()
 
@@ -89,9 +90,9 @@ def test_unusable_out_is_refused_before_any_work(tmp_path, monkeypatch, capsys, 
     def must_not_run(*args, **kwargs):
         raise AssertionError("the run started although --out is unusable")
 
-    for name in ("run_coherence", "run_aggregate", "run_quantize", "run_bnn"):
-        monkeypatch.setattr(cli, name, must_not_run)
-    monkeypatch.setattr(cli, "_DEMO_SECTIONS", {"x": ("never", must_not_run)})
+    for workflow in (coherence, aggregate, quantize, bnn):
+        monkeypatch.setattr(workflow, "run", must_not_run)
+    monkeypatch.setattr(demo, "SECTIONS", {"x": ("never", must_not_run)})
     (tmp_path / "afile").write_text("not a directory")
     out = {"a_file": tmp_path / "afile", "under_a_file": tmp_path / "afile" / "sub",
            "proc": "/proc/keras_coherence_cannot_write_here"}[where]
