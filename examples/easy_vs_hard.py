@@ -47,7 +47,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from keras_coherence import __version__  # noqa: E402
-from keras_coherence import experiments as ex  # noqa: E402
+from keras_coherence.workflows import experiments as ex  # noqa: E402
 from keras_coherence import keras, tf  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -51,7 +51,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is impor
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from keras_coherence import __version__, data  # noqa: E402
-from keras_coherence import experiments as ex  # noqa: E402
+from keras_coherence.workflows import experiments as ex  # noqa: E402
 from keras_coherence import keras, tf  # noqa: E402
 
 DEFAULT_ARMS = "sgd,winsorized:c=1,winsorized:c=2,winsorized:c=4,winsorized:c=8,m3,rm3,ra3"

@@ -17,7 +17,7 @@ from keras_coherence.coherence import gradient_stats, CoherenceStats  # noqa: E4
 
 # Imported on first attribute access (they pull in tfmot, larq and LCE, or matplotlib):
 # ``kc.quantization.quantize_model`` works without an explicit ``import``.
-_LAZY = ("quantization", "binary", "models", "experiments", "plots")
+_LAZY = ("quantization", "binary", "models", "plots")
 
 __all__ = ["keras", "data", "coherence", "callbacks", "aggregation", "optimizers", "gradient_stats",
            "CoherenceStats", *_LAZY]
