@@ -2,16 +2,19 @@
 direction; ``compile``/``fit``, validation, callbacks and sample weights work as usual."""
 from __future__ import annotations
 
+import functools
+
 from keras_coherence._functional import FunctionalWithExtras
-from keras_coherence._keras import keras, loss_scaler, tf
+from keras_coherence._keras import keras, tf
 from keras_coherence.aggregation import aggregators as agg
-from keras_coherence.coherence.engine import (
-    float32_trace, layer_group_grads, layer_per_example_grads, traced_backward,
-)
+from keras_coherence.coherence.engine import float32_trace, layer_group_grads, layer_per_example_grads
 from keras_coherence.coherence.registry import var_key
 from keras_coherence.coherence.rules.dense import DenseRule
+from keras_coherence.coherence.step import (
+    StepDirection, TracedBatch, in_replica_context, traced_train_step, traced_update,
+)
 from keras_coherence.coherence.tracing import is_graph_network
-from keras_coherence.coherence.train_step import _reg_loss, _replicated, coherence_logs
+from keras_coherence.coherence.train_step import coherence_logs
 
 
 def _group_bounds(local_batch, groups):
@@ -21,7 +24,7 @@ def _group_bounds(local_batch, groups):
     replicas = 1
     offset = tf.constant(0, tf.int32)
     total = local_batch
-    if _replicated():
+    if in_replica_context():
         ctx = tf.distribute.get_replica_context()
         replicas = ctx.num_replicas_in_sync
         sizes = ctx.all_gather(tf.reshape(local_batch, [1]), axis=0)
@@ -56,28 +59,23 @@ def _outer_factors(result, name):
     return {var_key(trace.layer.kernel): (a, result.cotangents[id(traces[0])][0])}
 
 
-def aggregated_train_step(model, data, aggregator, report_coherence=False, per_layer=False):
-    """One step of ``model`` on ``data`` whose update direction is ``aggregator``'s.
-
-    Returns ``(logs, y_pred, grads_and_vars)``; the gradients are already combined
-    across replicas (apply them with ``skip_gradients_aggregation=True``).
-    """
-    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-    result = traced_backward(
-        model, x, lambda y_pred: model.compute_loss(x, y, y_pred, sample_weight), "train",
-        tape_extra=lambda: _reg_loss(model), loss_scaler=loss_scaler(model.optimizer))
-    variables = model.trainable_variables
-    first_input = tf.nest.flatten(x)[0]
+def aggregator_direction(batch: TracedBatch, aggregator, report_coherence=False,
+                         per_layer=False) -> StepDirection:
+    """The direction ``aggregator`` makes of the batch's per-example gradients, for the
+    global batch (under ``tf.distribute`` its collectives combine the replicas); with
+    ``report_coherence``, the batch's coherence statistics as logs."""
+    result, variables = batch.result, batch.variables
+    first_input = tf.nest.flatten(batch.x)[0]
     # A batch size known while tracing (a Python int) lets the aggregators refuse a
     # batch too small for them at once, with a ValueError, instead of at run time.
     local_batch = first_input.shape[0]
-    if local_batch is None or _replicated():
+    if local_batch is None or in_replica_context():
         local_batch = tf.shape(first_input)[0]
     update = {}
     previous = []
     if aggregator.kind == "per_example":
         global_batch = local_batch
-        if _replicated():
+        if in_replica_context():
             global_batch = tf.distribute.get_replica_context().all_reduce("sum", local_batch)
         for name in result.by_layer:
             # One layer at a time: its per-example gradients are formed, reduced and
@@ -99,7 +97,7 @@ def aggregated_train_step(model, data, aggregator, report_coherence=False, per_l
                 sums = layer_group_grads(result, name, bounds)
                 keys = list(sums[0])  # the layer's weight order: the same in every process
                 sums = [[s[key] for key in keys] for s in sums]
-                if _replicated():
+                if in_replica_context():
                     # lists, not dicts keyed by id(variable): tf.nest orders a dict by its keys,
                     # and ids differ between the workers of a MultiWorkerMirroredStrategy
                     sums = tf.distribute.get_replica_context().all_reduce("sum", sums)
@@ -109,23 +107,20 @@ def aggregated_train_step(model, data, aggregator, report_coherence=False, per_l
     else:
         raise ValueError(f"Unknown aggregator kind {aggregator.kind!r}.")
 
-    reg_grads = [None] * len(variables)
-    if result.extra is not None:
-        reg_grads = result.tape.gradient(result.extra, variables)
-        if _replicated():
-            reg_grads = [None if g is None else tf.distribute.get_replica_context().all_reduce("sum", g)
-                         for g in reg_grads]
-    grads = []
-    for v, rg in zip(variables, reg_grads):
-        g = update.get(var_key(v))
-        if rg is not None:
-            g = rg if g is None else g + rg
-        grads.append(g)
     logs = {}
     if report_coherence:
-        data_grads = [result.grads.get(var_key(v)) for v in variables]
-        logs, _ = coherence_logs(result, variables, x, data_grads, per_layer)
-    return logs, result.y_pred, list(zip(grads, variables))
+        logs, _ = coherence_logs(result, variables, batch.x, batch.data_grads(), per_layer)
+    return StepDirection([update.get(var_key(v)) for v in variables], logs)
+
+
+def aggregated_train_step(model, data, aggregator, report_coherence=False, per_layer=False):
+    """The update of one step of ``model`` on ``data`` whose direction is ``aggregator``'s.
+
+    Returns ``(logs, y_pred, grads_and_vars)``; the gradients are already combined
+    across replicas (apply them with ``skip_gradients_aggregation=True``).
+    """
+    return traced_update(model, data, functools.partial(
+        aggregator_direction, aggregator=aggregator, report_coherence=report_coherence, per_layer=per_layer))
 
 
 @keras.utils.register_keras_serializable(package="keras_coherence")
@@ -158,13 +153,8 @@ class AggregatedModel(FunctionalWithExtras):
         self.report_coherence = report_coherence
 
     def train_step(self, data):
-        logs, y_pred, grads_and_vars = aggregated_train_step(
-            self, data, self.aggregator, self.report_coherence)
-        grads_and_vars = [(g, v) for g, v in grads_and_vars if g is not None]
-        _check_optimizer_owns(self.optimizer, [v for _, v in grads_and_vars], self.name)
-        self.optimizer.apply_gradients(grads_and_vars, skip_gradients_aggregation=True)
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        return {**self.compute_metrics(x, y, y_pred, sample_weight), **logs}
+        return traced_train_step(self, data, functools.partial(
+            aggregator_direction, aggregator=self.aggregator, report_coherence=self.report_coherence))
 
     def make_train_function(self, force=False):
         """Keras's train function, re-raising a batch too small for the aggregator
@@ -185,20 +175,6 @@ class AggregatedModel(FunctionalWithExtras):
         train_function._reraises_batch_errors = True
         self.train_function = train_function
         return train_function
-
-
-def _check_optimizer_owns(optimizer, variables, model_name):
-    """A clear error, instead of Keras's bare KeyError, when ``optimizer`` was built for
-    other variables: one optimizer instance compiled into two models."""
-    if not getattr(optimizer, "_built", False) or not hasattr(optimizer, "_index_dict"):
-        return
-    foreign = [v.name for v in variables if optimizer._var_key(v) not in optimizer._index_dict]
-    if foreign:
-        raise ValueError(
-            f"The optimizer {optimizer.name!r} of model {model_name!r} was built for other variables "
-            f"(another model's), not for {foreign[0]!r}: create one optimizer per model (compile each "
-            "model with its own optimizer instance), and compile again with a new optimizer after "
-            "changing which weights are trainable.")
 
 
 def with_aggregator(model, aggregator="mean", report_coherence: bool = False) -> AggregatedModel:

@@ -2,23 +2,15 @@
 mini-batch's m-coherence and alpha on every step, from the same backward pass."""
 from __future__ import annotations
 
+import functools
+
 from keras_coherence._functional import FunctionalWithExtras
-from keras_coherence._keras import keras, loss_scaler, tf
-from keras_coherence.coherence.engine import traced_backward
+from keras_coherence._keras import keras, tf
 from keras_coherence.coherence.registry import var_key
+from keras_coherence.coherence.step import (
+    StepDirection, TracedBatch, in_replica_context, traced_train_step, traced_update,
+)
 from keras_coherence.coherence.tracing import is_graph_network
-
-
-def _reg_loss(model):
-    from tf_keras.src.utils import losses_utils  # same scaling as Keras's compiled loss
-
-    if not model.losses:
-        return None
-    return losses_utils.scale_loss_for_distribution(tf.add_n(model.losses))
-
-
-def _replicated():
-    return tf.distribute.has_strategy() and tf.distribute.in_cross_replica_context() is False
 
 
 def coherence_logs(result, variables, x, data_grads, per_layer: bool = False):
@@ -31,7 +23,7 @@ def coherence_logs(result, variables, x, data_grads, per_layer: bool = False):
     layer_q = [tf.reduce_sum(result.layer_sq[n]) for n in names]
     key_index = {var_key(v): i for i, v in enumerate(variables)}
     batch = tf.cast(tf.shape(tf.nest.flatten(x)[0])[0], tf.float32)
-    if _replicated():
+    if in_replica_context():
         dense, layer_q, batch = tf.distribute.get_replica_context().all_reduce(
             tf.distribute.ReduceOp.SUM, (dense, layer_q, batch))
     layer_s = [tf.add_n([tf.reduce_sum(tf.square(dense[key_index[k]])) for k in result.layer_vars[n]])
@@ -44,8 +36,24 @@ def coherence_logs(result, variables, x, data_grads, per_layer: bool = False):
     return logs, dense
 
 
+def batch_gradient_direction(batch: TracedBatch, per_layer: bool = False) -> StepDirection:
+    """The direction of a plain Keras step -- the batch gradient -- with the batch's
+    coherence statistics as logs; the one all-reduce of the data gradients under
+    ``tf.distribute`` serves both."""
+    data_grads = batch.data_grads()
+    logs, data_sums = coherence_logs(batch.result, batch.variables, batch.x, data_grads, per_layer)
+    if in_replica_context():
+        return StepDirection([None if g is None else s for g, s in zip(data_grads, data_sums)], logs)
+    # On one replica a fallback layer's weights take the engine's tape gradient (data and
+    # regularization together): Keras's own update even for a layer that mixes examples.
+    tape_grads = batch.result.fallback_grads
+    keys = [var_key(v) for v in batch.variables]
+    data = [tape_grads.get(k, g) for k, g in zip(keys, data_grads)]
+    return StepDirection(data, logs, frozenset(i for i, k in enumerate(keys) if k in tape_grads))
+
+
 def coherence_train_step(model, data, per_layer: bool = False):
-    """One optimizer step on ``data`` plus the batch's coherence statistics.
+    """The update of one optimizer step on ``data``, plus the batch's coherence statistics.
 
     The update is the model's usual gradient (compiled loss, regularization, sample
     weights); BatchNormalization runs in training mode, so per-example quantities are
@@ -55,38 +63,7 @@ def coherence_train_step(model, data, per_layer: bool = False):
     across replicas (apply them with ``skip_gradients_aggregation=True``): the one
     all-reduce of the data gradients serves both the statistics and the update.
     """
-    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-    result = traced_backward(
-        model, x, lambda y_pred: model.compute_loss(x, y, y_pred, sample_weight), "train",
-        tape_extra=lambda: _reg_loss(model), loss_scaler=loss_scaler(model.optimizer),
-    )
-    variables = model.trainable_variables
-    reg_grads = [None] * len(variables)
-    if result.extra is not None:
-        reg_grads = result.tape.gradient(result.extra, variables)
-    grads = []
-    data_grads = []
-    for v, rg in zip(variables, reg_grads):
-        key = var_key(v)
-        if key in result.fallback_grads:  # tape gradient: data and regularization together
-            grads.append(result.fallback_grads[key])
-            data_grads.append(result.grads.get(key))
-            continue
-        g = result.grads.get(key)
-        data_grads.append(g)
-        if rg is not None:
-            g = rg if g is None else tf.convert_to_tensor(g) + rg
-        grads.append(g)
-
-    logs, data_sums = coherence_logs(result, variables, x, data_grads, per_layer)
-    if _replicated():
-        # Each replica's regularization gradient is the same (mirrored weights; Keras
-        # scales the loss by 1/replicas), so the all-reduced update is the all-reduced
-        # data gradient plus replicas x the local one: no second model-size all-reduce.
-        replicas = tf.distribute.get_replica_context().num_replicas_in_sync
-        grads = [None if g is None else d if rg is None else d + replicas * rg
-                 for g, d, rg in zip(grads, data_sums, reg_grads)]
-    return logs, result.y_pred, list(zip(grads, variables))
+    return traced_update(model, data, functools.partial(batch_gradient_direction, per_layer=per_layer))
 
 
 @keras.utils.register_keras_serializable(package="keras_coherence")
@@ -121,12 +98,8 @@ class CoherenceModel(FunctionalWithExtras):
         self.coherence_per_layer = coherence_per_layer
 
     def train_step(self, data):
-        logs, y_pred, grads_and_vars = coherence_train_step(self, data, self.coherence_per_layer)
-        self.optimizer.apply_gradients([(g, v) for g, v in grads_and_vars if g is not None],
-                                       skip_gradients_aggregation=True)
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        metrics = self.compute_metrics(x, y, y_pred, sample_weight)
-        return {**metrics, **logs}
+        direction = functools.partial(batch_gradient_direction, per_layer=self.coherence_per_layer)
+        return traced_train_step(self, data, direction)
 
 
 def with_coherence(model, per_layer: bool = False) -> CoherenceModel:
