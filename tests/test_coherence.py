@@ -337,19 +337,19 @@ def test_registering_a_second_rule_for_a_type_raises_unless_replace():
     from keras_coherence.coherence import registry
     from keras_coherence.coherence.rules.dense import DenseRule
 
-    original = registry._RULES[keras.layers.Dense]
+    original = registry.RULES[keras.layers.Dense]
 
     class OtherDenseRule(DenseRule):
         pass
 
     with pytest.raises(ValueError, match=r"Dense already has the rule DenseRule.*register\(replace=True\)"):
         registry.register(OtherDenseRule)
-    assert registry._RULES[keras.layers.Dense] is original
+    assert registry.RULES[keras.layers.Dense] is original
     try:
         registry.register(replace=True)(OtherDenseRule)
         assert type(rule_for(keras.layers.Dense(2))[0]) is OtherDenseRule
     finally:
-        registry._RULES[keras.layers.Dense] = original
+        registry.RULES[keras.layers.Dense] = original
 
 
 def test_label_errors_for_string_and_custom_losses():

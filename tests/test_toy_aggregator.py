@@ -71,7 +71,7 @@ def test_an_aggregator_without_its_method_is_refused_at_registration():
         NoReduce().reduce(tf.zeros((2, 3)))
     with pytest.raises(TypeError, match="MedianOfMeans combines group means"):
         kc.aggregation.MedianOfMeans().reduce(tf.zeros((2, 3)))
-    assert "no_reduce" not in kc.aggregation.aggregators._BY_NAME
+    assert "no_reduce" not in kc.aggregation.aggregators.AGGREGATORS
 
 
 def test_toy_trains_through_compile_and_fit_like_numpy():

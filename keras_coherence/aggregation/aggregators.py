@@ -22,6 +22,7 @@ from typing import Optional
 import numpy as np
 
 from keras_coherence._keras import tf
+from keras_coherence._registry import Registry, lowercase_name
 
 
 def _in_replica_context():
@@ -586,7 +587,8 @@ def coordinate_median(tensors):
     return 0.5 * (ordered[mid - 1] + ordered[mid])
 
 
-_BY_NAME = {}
+#: Aggregator classes by spec-string name (:func:`register` adds to it, :func:`get` reads it).
+AGGREGATORS = Registry("aggregator", normalize=lowercase_name)
 
 
 def _missing_method(cls):
@@ -624,13 +626,7 @@ def register(*names: str, replace: bool = False):
             raise TypeError(f"register decorates Aggregator subclasses, not {cls!r}.")
         if _missing_method(cls):
             raise TypeError(_missing_method(cls))
-        for name in names:
-            key = name.strip().lower()
-            if key in _BY_NAME and _BY_NAME[key] is not cls and not replace:
-                raise ValueError(f"The aggregator name {key!r} is taken by {_BY_NAME[key].__name__}; "
-                                 "pick another name, or pass replace=True to override it.")
-            _BY_NAME[key] = cls
-        return cls
+        return AGGREGATORS.add(cls, *names, replace=replace)
 
     return decorate
 
@@ -648,9 +644,7 @@ def get(spec) -> Aggregator:
     if not isinstance(spec, str):
         raise TypeError(f"An aggregator must be an Aggregator or a string, got {type(spec).__name__}.")
     name, _, args = spec.partition(":")
-    cls = _BY_NAME.get(name.strip().lower())
-    if cls is None:
-        raise ValueError(f"Unknown aggregator {name!r}; known: {', '.join(sorted(_BY_NAME))}.")
+    cls = AGGREGATORS.lookup(name)
     kwargs = {}
     for item in filter(None, (a.strip() for a in args.split(","))):
         key, eq, value = item.partition("=")

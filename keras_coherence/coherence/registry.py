@@ -22,8 +22,11 @@ import weakref
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Type
 
 from keras_coherence._keras import tf
+from keras_coherence._registry import Registry
 
-_RULES: Dict[type, "LayerRule"] = {}
+#: The rule instance of each layer type (:func:`register` adds to it, :func:`rule_for` reads it).
+RULES = Registry("rule", taken="{key_name} already has the rule {existing}; registering {new} for it too would "
+                 "silently replace it. Use @register(replace=True) to override it on purpose.")
 _WARNED: "weakref.WeakSet" = weakref.WeakSet()  # layers, not ids: an id is reused
 
 
@@ -95,17 +98,7 @@ def register(rule_cls: Type[LayerRule] = None, *, replace: bool = False):
     override a rule on purpose, decorate with ``@register(replace=True)``."""
     if rule_cls is None:
         return lambda cls: register(cls, replace=replace)
-    taken = [(t, _RULES[t]) for t in rule_cls.layer_types if t in _RULES]
-    if taken and not replace:
-        layer_type, rule = taken[0]
-        raise ValueError(
-            f"{layer_type.__name__} already has the rule {type(rule).__name__}; registering "
-            f"{rule_cls.__name__} for it too would silently replace it. Use "
-            "@register(replace=True) to override it on purpose."
-        )
-    rule = rule_cls()
-    for layer_type in rule_cls.layer_types:
-        _RULES[layer_type] = rule
+    RULES.add(rule_cls(), *rule_cls.layer_types, replace=replace)
     return rule_cls
 
 
@@ -117,7 +110,7 @@ def rule_for(layer) -> Tuple[Optional[LayerRule], str]:
     rule does not know about, so it takes the fallback (never a wrong number).
     """
     for klass in type(layer).__mro__:
-        rule = _RULES.get(klass)
+        rule = RULES.get(klass)
         if rule is None:
             continue
         if klass is not type(layer) and type(layer).call is not klass.call:

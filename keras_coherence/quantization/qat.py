@@ -454,9 +454,7 @@ def _quantizer_template(method, bits, options):
     elif isinstance(method, dict):
         config = _quantizers.serialize(_quantizers.deserialize(method))
     elif isinstance(method, str):
-        if method not in METHODS:
-            raise ValueError(f"Unknown method {method!r}; known: {sorted(METHODS)}")
-        config = _quantizers.serialize(_quantizers.get(METHODS[method]))
+        config = _quantizers.serialize(_quantizers.get(METHODS.lookup(method)))
     else:
         raise ValueError(f"method must be a name, a PO2Quantizer or a config dict, got {method!r}")
     config = dict(config)

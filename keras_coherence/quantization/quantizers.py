@@ -23,15 +23,13 @@ elements; see ``keras_coherence.quantization.base``.
 'keras_coherence>MSQEPo2'
 """
 from keras_coherence._keras import keras, tf
+from keras_coherence._registry import Registry
 from keras_coherence.quantization import _po2
 from keras_coherence.quantization.base import PO2Quantizer
 
 __all__ = ["MSQEPo2Baseline", "MSQEPo2", "LearnedPo2", "get", "serialize", "deserialize"]
 
-_register = keras.utils.register_keras_serializable(package="keras_coherence")
 
-
-@_register
 class MSQEPo2Baseline(PO2Quantizer):
     """QKeras ``quantized_bits(bits, 0, 1, alpha="auto_po2")`` with its exponent stored.
 
@@ -96,7 +94,6 @@ class MSQEPo2Baseline(PO2Quantizer):
         return {**super().get_config(), "iterations": self.iterations}
 
 
-@_register
 class MSQEPo2(PO2Quantizer):
     """MSQE-optimal PO2 quantizer with the fixes of Bae et al. (2022), each switchable.
 
@@ -315,7 +312,6 @@ class MSQEPo2(PO2Quantizer):
 _ROUNDINGS = ("ceil", "round", "msqe")
 
 
-@_register
 class LearnedPo2(PO2Quantizer):
     """Gradient-based PO2 quantizer: a trainable real log2-scale ``e`` (TQT-style).
 
@@ -507,19 +503,11 @@ def _num_elements(shape):
 
 
 # ------------------------------------------------------------------ registry
-ALIASES = {
-    "msqe_po2_baseline": MSQEPo2Baseline,
-    "msqe_po2": MSQEPo2,
-    "learned_po2": LearnedPo2,
-}
-_OBJECTS = {**ALIASES, **{cls.__name__: cls for cls in ALIASES.values()}}
+#: Quantizer classes by alias (their class names are accepted too): ``get``, Keras
+#: deserialization and the command line read it, :func:`register` adds to it.
+ALIASES = Registry("quantizer")
 #: ``quantize_model(method=...)`` / ``--method`` names -> quantizer alias.
-METHODS = {
-    "msqe": "msqe_po2",
-    "msqe_baseline": "msqe_po2_baseline",
-    "learned": "learned_po2",
-    **{alias: alias for alias in ALIASES},
-}
+METHODS = Registry("method")
 
 
 def register(alias: str, *methods: str, replace: bool = False):
@@ -532,18 +520,19 @@ def register(alias: str, *methods: str, replace: bool = False):
     def decorate(cls):
         if not (isinstance(cls, type) and issubclass(cls, PO2Quantizer)):
             raise TypeError(f"register decorates PO2Quantizer subclasses, not {cls!r}.")
-        for name, table in [(alias, ALIASES), *((m, METHODS) for m in methods)]:
-            taken = table.get(name)
-            if taken is not None and taken not in (cls, alias) and not replace:
-                raise ValueError(f"The quantizer name {name!r} is taken ({taken if isinstance(taken, str) else taken.__name__}); "
-                                 "pick another name, or pass replace=True to override it.")
+        ALIASES.check(cls, alias, aliases=(cls.__name__,), replace=replace)
+        METHODS.check(alias, alias, *methods, replace=replace)
         keras.utils.register_keras_serializable(package="keras_coherence")(cls)
-        ALIASES[alias] = _OBJECTS[alias] = _OBJECTS[cls.__name__] = cls
-        for name in (alias, *methods):
-            METHODS[name] = alias
+        ALIASES.add(cls, alias, aliases=(cls.__name__,), replace=replace)
+        METHODS.add(alias, alias, *methods, replace=replace)
         return cls
 
     return decorate
+
+
+register("msqe_po2", "msqe")(MSQEPo2)  # the command line lists the methods in this order
+register("msqe_po2_baseline", "msqe_baseline")(MSQEPo2Baseline)
+register("learned_po2", "learned")(LearnedPo2)
 
 
 def serialize(quantizer):
@@ -556,7 +545,7 @@ def deserialize(config, custom_objects=None):
     if isinstance(config, str):
         return get(config)
     return keras.utils.deserialize_keras_object(
-        config, module_objects=_OBJECTS, custom_objects=custom_objects, printable_module_name="quantizer"
+        config, module_objects=ALIASES, custom_objects=custom_objects, printable_module_name="quantizer"
     )
 
 
@@ -569,10 +558,7 @@ def get(identifier):
     if identifier is None or isinstance(identifier, PO2Quantizer):
         return identifier
     if isinstance(identifier, str):
-        cls = _OBJECTS.get(identifier)
-        if cls is None:
-            raise ValueError(f"Unknown quantizer {identifier!r}; known: {sorted(ALIASES)}")
-        return cls()
+        return ALIASES.lookup(identifier)()
     if isinstance(identifier, dict):
         return deserialize(identifier)
     raise ValueError(f"Could not interpret quantizer identifier: {identifier!r}")
