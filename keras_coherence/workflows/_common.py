@@ -8,7 +8,7 @@ import json
 import math
 import os
 import platform
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -240,3 +240,25 @@ def batch_size_field(default=100, help="SGD mini-batch size"):
 
 def lr_field(default=0.1, help="SGD learning rate (no momentum)"):
     return option(default, help, check=positive_float)
+
+
+@dataclasses.dataclass
+class TrainingOptions:
+    """The options of every workflow that trains a float model with SGD on a dataset
+    (``coherence`` and ``aggregate`` add their own fields after these)."""
+
+    dataset: str = dataset_field()
+    data_dir: Optional[str] = data_dir_field()
+    model: str = option("mlp", "model architecture", choices=("mlp", "cnn"))
+    hidden: Optional[Tuple[int, ...]] = hidden_field()
+    epochs: int = epochs_field()
+    batch_size: int = batch_size_field()
+    lr: float = lr_field()
+    label_noise: float = label_noise_field()
+    noise_mode: str = noise_mode_field()
+    max_train: Optional[int] = max_train_field()
+    seed: int = seed_field()
+    quiet: bool = quiet_field()
+
+    def __post_init__(self):
+        check_config(self)

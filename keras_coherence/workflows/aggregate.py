@@ -12,7 +12,7 @@ import dataclasses
 import math
 import os
 import time
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -24,7 +24,7 @@ HELP = "train with a robust gradient aggregator (winsorized, M3, RM3, ...) and t
 
 
 @dataclasses.dataclass
-class Config:
+class Config(c.TrainingOptions):
     """Train a model whose update direction comes from a robust aggregator -- winsorized
     per-example gradients, the median of group means (M3), the running median of the
     last steps' gradients (RM3) or its running-average control (RA3) -- or plain SGD.
@@ -32,18 +32,6 @@ class Config:
     corrupt training examples' noisy labels (memorization), the pristine ones and the
     test set. Writes aggregate.csv, aggregate.png and summary.json to --out."""
 
-    dataset: str = c.dataset_field()
-    data_dir: Optional[str] = c.data_dir_field()
-    model: str = c.option("mlp", "model architecture", choices=("mlp", "cnn"))
-    hidden: Optional[Tuple[int, ...]] = c.hidden_field()
-    epochs: int = c.epochs_field()
-    batch_size: int = c.batch_size_field()
-    lr: float = c.lr_field()
-    label_noise: float = c.label_noise_field()
-    noise_mode: str = c.noise_mode_field()
-    max_train: Optional[int] = c.max_train_field()
-    seed: int = c.seed_field()
-    quiet: bool = c.quiet_field()
     aggregator: str = c.option(
         "winsorized:c=4", "how the update direction is formed: 'sgd' (= 'mean'), 'winsorized:c=C' "
         "(or 'winsorized:percentile=P'), 'm3' (or 'm3:groups=G'), 'rm3' / 'ra3' (running median / average of "
@@ -51,9 +39,6 @@ class Config:
         "is much slower than the others", metavar="SPEC")
     report_coherence: bool = c.option(
         False, "also log the m-coherence of every training batch (epoch mean in the CSV)")
-
-    def __post_init__(self):
-        c.check_config(self)
 
 
 def parse_aggregator(spec: str, batch_size: int, num_train: Optional[int] = None):

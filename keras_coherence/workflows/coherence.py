@@ -11,7 +11,7 @@ import dataclasses
 import math
 import os
 import time
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -24,23 +24,11 @@ AUTO_MEASUREMENTS = 50  # every_n_steps=None: about this many measurements per r
 
 
 @dataclasses.dataclass
-class Config:
+class Config(c.TrainingOptions):
     """Train a model with plain SGD while CoherenceMonitor measures the m-coherence
     ||sum_i g_i||^2 / sum_i ||g_i||^2 of a fixed probe sample of training examples.
     Writes coherence.csv, coherence.png and summary.json to --out."""
 
-    dataset: str = c.dataset_field()
-    data_dir: Optional[str] = c.data_dir_field()
-    model: str = c.option("mlp", "model architecture", choices=("mlp", "cnn"))
-    hidden: Optional[Tuple[int, ...]] = c.hidden_field()
-    epochs: int = c.epochs_field()
-    batch_size: int = c.batch_size_field()
-    lr: float = c.lr_field()
-    label_noise: float = c.label_noise_field()
-    noise_mode: str = c.noise_mode_field()
-    max_train: Optional[int] = c.max_train_field()
-    seed: int = c.seed_field()
-    quiet: bool = c.quiet_field()
     probe_size: int = c.option(512, "size of the fixed probe sample of training examples (with the training "
                                "labels, noisy ones included) on which m-coherence is measured",
                                check=c.positive_int, metavar="M")
@@ -49,9 +37,6 @@ class Config:
         "run); always also at the start and the end", check=c.positive_int, metavar="N")
     per_layer: bool = c.option(True, "also measure each layer's m-coherence")
     log_dir: Optional[str] = c.option(None, "also write TensorBoard scalars here")
-
-    def __post_init__(self):
-        c.check_config(self)
 
 
 def run(config: Config, out_dir: str, log: Callable[[str], None] = print) -> c.Summary:
