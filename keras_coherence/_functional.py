@@ -1,5 +1,6 @@
 """Base for Functional models that add their own ``train_step`` and a few extra
 constructor arguments, with save/load through the usual Keras config."""
+from keras_coherence._internals.keras_graph import functional_config, functional_from_config
 from keras_coherence._keras import keras
 
 
@@ -13,19 +14,14 @@ class FunctionalWithExtras(keras.Model):
         return {name: getattr(self, name) for name in self.EXTRA_CONFIG}
 
     def get_config(self):
-        from tf_keras.src.engine import functional
-
-        config = functional.get_network_config(self, config={"name": self.name, "trainable": self.trainable})
+        config = functional_config(self)
         config.update(self._extra_config())
         return config
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
-        from tf_keras.src.engine import functional
-
         config = dict(config)
         extras = {name: config.pop(name) for name in cls.EXTRA_CONFIG if name in config}
-        inputs, outputs, layers = functional.reconstruct_from_config(config, custom_objects)
-        model = cls(inputs=inputs, outputs=outputs, name=config.get("name"), **extras)
-        functional.connect_ancillary_layers(model, layers)
-        return model
+        return functional_from_config(
+            config, custom_objects,
+            lambda inputs, outputs: cls(inputs=inputs, outputs=outputs, name=config.get("name"), **extras))

@@ -5,6 +5,9 @@ tfmot and larq only work on Keras 2 (``tf_keras``), so ``tf.keras`` must resolve
 this module sets it when TensorFlow is not imported yet, and refuses to go on when
 TensorFlow was already imported with Keras 3 (mixing the two gives confusing errors
 far from their cause).
+
+Everything that reaches into TensorFlow's or tf_keras's private code lives in
+``keras_coherence._internals``, not here.
 """
 import os
 import sys
@@ -41,38 +44,9 @@ if tf.keras.Model is not keras.Model:  # pragma: no cover - defensive
 __all__ = ["keras", "tf"]
 
 
-def in_output_shape_inference():
-    """True while tf_keras builds a functional model and calls a layer only to learn its
-    output's shape and dtype: the call runs in a throw-away graph that tf_keras names
-    ``<layer name>_scratch_graph`` (``Layer._infer_output_signature`` and
-    ``compute_output_shape``). What a layer computes there is discarded, so an
-    expensive exact computation (a PO2 exponent search) may skip it there."""
-    graph = tf.compat.v1.get_default_graph()
-    return not tf.executing_eagerly() and graph.name.endswith("_scratch_graph")
-
-
-def autocast_variables(layer):
-    """The scope in which tf_keras runs ``layer.call``: under a mixed-precision policy
-    (``mixed_float16``/``mixed_bfloat16``) its float32 variables read as the layer's
-    compute dtype, as Keras's own forward pass sees them. Outside it they read as
-    float32, and a rule's forward would mix dtypes."""
-    from tf_keras.src.mixed_precision.autocast_variable import enable_auto_cast_variables
-
-    return enable_auto_cast_variables(layer._compute_dtype_object)
-
-
 def loss_scaler(optimizer):
     """``optimizer`` if it is a ``keras.mixed_precision.LossScaleOptimizer`` (what Keras
     compiles under ``mixed_float16``), else None: the object whose ``get_scaled_loss`` /
     ``get_unscaled_gradients`` a custom step must call."""
     return optimizer if isinstance(optimizer, keras.mixed_precision.LossScaleOptimizer) else None
 
-
-def onednn_enabled() -> bool:
-    """Whether TensorFlow runs its oneDNN CPU kernels in this process: on by default on
-    CPUs with AVX-512, off on others (e.g. AMD EPYC without it) and under
-    ``TF_ENABLE_ONEDNN_OPTS=0``. The two kernel sets favour different formulations of
-    the same product (see the convolution rule)."""
-    from tensorflow.python.util import _pywrap_util_port
-
-    return bool(_pywrap_util_port.IsMklEnabled())

@@ -9,13 +9,11 @@ update it would have made.
 """
 from __future__ import annotations
 
+from keras_coherence._internals.keras_private import (
+    can_jit_compile, optimizer_built, set_current_learning_rate, variables_not_built_for,
+)
 from keras_coherence._keras import keras, tf
 from keras_coherence.aggregation.aggregators import coordinate_median, integer_arg
-
-def _xla_available():
-    from tf_keras.src.utils import tf_utils  # Keras's own platform check
-
-    return tf_utils.can_jit_compile()
 
 
 _MOMENTUM_KEYS = ("momentum", "beta_1", "rho_momentum")
@@ -67,7 +65,7 @@ class RunningMedian(keras.optimizers.Optimizer):
         # Keras turns XLA off without a GPU; here it pays on CPU too: one fused pass does
         # the slot write, the median and the inner update (measured: RM3's extra cost on
         # the benchmark MLP falls by about 3x).
-        self.jit_compile = bool(jit_compile) and _xla_available()
+        self.jit_compile = bool(jit_compile) and can_jit_compile()
         self.inner = keras.optimizers.get(inner)
         if not isinstance(self.inner, keras.optimizers.Optimizer):
             raise TypeError(
@@ -100,10 +98,10 @@ class RunningMedian(keras.optimizers.Optimizer):
         return self.inner.learning_rate
 
     def build(self, var_list):
-        if getattr(self, "_built", False):
+        if optimizer_built(self):
             self._check_owns(self, var_list)
             return
-        if getattr(self.inner, "_built", False):
+        if optimizer_built(self.inner):
             self._check_owns(self.inner, var_list)
         super().build(var_list)
         self.inner.build(var_list)
@@ -116,7 +114,7 @@ class RunningMedian(keras.optimizers.Optimizer):
     def _check_owns(self, optimizer, var_list):
         """A clear error, instead of a bare KeyError, for variables ``optimizer`` (this one
         or its inner optimizer) was not built for: one instance used by two models."""
-        foreign = [v.name for v in var_list if optimizer._var_key(v) not in optimizer._index_dict]
+        foreign = variables_not_built_for(optimizer, var_list)
         if not foreign:
             return
         which = ("This RunningMedian" if optimizer is self
@@ -153,15 +151,8 @@ class RunningMedian(keras.optimizers.Optimizer):
         return tf.maximum(self.iterations - (self.window - 1), 0)
 
     def _compute_current_learning_rate(self):
-        schedule = self.inner._learning_rate
-        if isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule):
-            # As Keras does, but at the inner optimizer's own step count.
-            value = tf.convert_to_tensor(schedule(self._inner_steps()))
-            if hasattr(self.inner, "_current_learning_rate"):
-                self.inner._current_learning_rate.assign(value)
-            else:
-                self.inner._current_learning_rate = tf.Variable(
-                    value, name="current_learning_rate", dtype=value.dtype, trainable=False)
+        # As Keras does, but at the inner optimizer's own step count.
+        set_current_learning_rate(self.inner, self._inner_steps)
 
     def _distributed_apply_gradients_fn(self, distribution, grads_and_vars, **kwargs):
         # The inner optimizer counts the updates it has applied (Adam's bias correction).
@@ -180,7 +171,7 @@ class RunningMedian(keras.optimizers.Optimizer):
         """Set the ring buffer, step counter and inner optimizer's state from values in
         the order of :attr:`variables` (as ``.h5`` loading does)."""
         variables = self.variables
-        if not getattr(self, "_built", False):
+        if not optimizer_built(self):
             raise ValueError("RunningMedian.set_weights needs a built optimizer: call "
                              "optimizer.build(model.trainable_variables) first.")
         if len(weights) != len(variables):

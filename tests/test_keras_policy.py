@@ -41,7 +41,8 @@ def test_output_shape_inference_is_detected_only_where_tf_keras_discards_the_cal
     import numpy as np
 
     import keras_coherence  # noqa: F401
-    from keras_coherence._keras import in_output_shape_inference, keras, tf
+    from keras_coherence._internals.keras_private import in_output_shape_inference
+    from keras_coherence._keras import keras, tf
 
     seen = []
 

@@ -112,6 +112,7 @@ import dataclasses
 import math
 from typing import List, Optional
 
+from keras_coherence._internals.keras_graph import inbound_layers
 from keras_coherence._keras import keras
 from keras_coherence.binary import layers as bl
 from keras_coherence.binary import ops
@@ -453,20 +454,12 @@ def _elements(shape):
     return int(math.prod(int(d) for d in shape))
 
 
-def _inbound_layers(layer):
-    nodes = getattr(layer, "_inbound_nodes", [])
-    if not nodes:
-        return []
-    inbound = nodes[0].inbound_layers
-    return list(inbound) if isinstance(inbound, (list, tuple)) else [inbound]
-
-
 def _needs_input_grad(model):
     """``{layer name: bool}``: whether the layer's input depends on a trainable weight,
     i.e. whether the device graph computes the gradient the layer hands to its input."""
     depends, out = {}, {}
     for layer in model.layers:
-        inbound = _inbound_layers(layer)
+        inbound = inbound_layers(layer)
         out[layer.name] = any(depends.get(l.name, False) for l in inbound)
         depends[layer.name] = out[layer.name] or bool(layer.trainable_weights)
     return out

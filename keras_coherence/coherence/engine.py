@@ -4,13 +4,11 @@ gradient norm, per layer -- the core shared by gradient statistics, the coherenc
 from __future__ import annotations
 
 import collections
-import copy
 import dataclasses
 from typing import Callable, Dict, List
 
-from keras_coherence._keras import keras, tf
-from tf_keras.src.engine.compile_utils import match_dtype_and_rank  # what compile() applies
-from tf_keras.src.losses import LossFunctionWrapper  # not exported by tf_keras.losses
+from keras_coherence._internals.keras_private import compiled_loss_weights, match_dtype_and_rank, unreduced_loss
+from keras_coherence._keras import tf
 from keras_coherence.coherence.registry import var_key
 from keras_coherence.coherence.rules.fallback import FALLBACK
 from keras_coherence.coherence.tracing import TracedForward
@@ -139,18 +137,6 @@ def _statically_zero(g):
 
 # ----------------------------------------------------------------------------- losses
 
-def _unreduced(loss):
-    """A Keras loss object that returns one value per example (reduction NONE)."""
-    obj = keras.losses.get(loss)
-    if isinstance(obj, keras.losses.Loss):
-        obj = copy.copy(obj)
-        obj.reduction = keras.losses.Reduction.NONE
-        return obj
-    if callable(obj):
-        return LossFunctionWrapper(obj, reduction=keras.losses.Reduction.NONE)
-    raise ValueError(f"Cannot use {loss!r} as a loss.")
-
-
 def per_example_loss_fn(model):
     """``fn(y_true, y_pred, sample_weight) -> [B]``: the model's compiled loss for each
     example (losses over extra axes are averaged, as Keras does; output losses are
@@ -169,12 +155,12 @@ def per_example_loss_fn(model):
         losses = list(loss)
     else:
         losses = [loss] * n_out
-    weights = getattr(getattr(model, "compiled_loss", None), "_user_loss_weights", None)
+    weights = compiled_loss_weights(model)
     if weights is None:
         weights = [1.0] * n_out
     elif isinstance(weights, dict):
         weights = [weights.get(n, 1.0) for n in names]
-    fns = [None if l is None else _unreduced(l) for l in losses]
+    fns = [None if l is None else unreduced_loss(l) for l in losses]
 
     def fn(y_true, y_pred, sample_weight=None):
         y_true_flat = tf.nest.flatten(y_true) if n_out > 1 else [y_true]
@@ -183,7 +169,7 @@ def per_example_loss_fn(model):
         for f, w, yt, yp in zip(fns, weights, y_true_flat, y_pred_flat):
             if f is None:
                 continue
-            yt, yp, _ = match_dtype_and_rank(tf.convert_to_tensor(yt), yp, None)
+            yt, yp = match_dtype_and_rank(tf.convert_to_tensor(yt), yp)  # what compile() applies
             values = f(yt, yp)
             if values.shape.rank == 0:
                 raise ValueError(

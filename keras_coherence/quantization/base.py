@@ -28,6 +28,7 @@ Semantics shared by every quantizer (``qp = 2**(bits - 1) - 1``):
 * variables are written outside ``tf.cond`` (only pure computations are branched),
   so the quantizers train under ``tf.distribute.MirroredStrategy``.
 """
+from keras_coherence._internals.tf_private import smart_cond
 from keras_coherence._keras import keras, tf
 from keras_coherence.quantization import _po2
 
@@ -168,7 +169,7 @@ class PO2Quantizer(keras.layers.Layer):
             y, keep = self._quantize(x, bool(training), state)
             active = None if training else False
         else:  # a boolean tensor: both branches in a cond, m2 tracking outside of it
-            y, keep = tf.__internal__.smart_cond.smart_cond(
+            y, keep = smart_cond(
                 training, lambda: self._quantize(x, True, state), lambda: self._quantize(x, False, state)
             )
             active = training

@@ -35,6 +35,7 @@ folds with the statistics from before the update. With ``update_statistics=False
 """
 import warnings
 
+from keras_coherence._internals import keras_graph
 from keras_coherence._keras import keras, tf
 
 __all__ = [
@@ -232,43 +233,14 @@ class FoldedDepthwiseConv2D(_FoldedBatchNormMixin, keras.layers.DepthwiseConv2D)
 _FOLDED = {keras.layers.Conv2D: FoldedConv2D, keras.layers.DepthwiseConv2D: FoldedDepthwiseConv2D}
 
 
-class _Reusable(list):
-    """A ``tensor_dict`` entry for ``Node.map_arguments`` that can be read any number of times."""
-
-    def pop(self, *args):
-        return self[0]
-
-
 def _check_graph_model(model, what):
     if not isinstance(model, keras.Model):
         raise ValueError(f"{what} needs a keras.Model, got {type(model).__name__}")
-    if not getattr(model, "_is_graph_network", False):
+    if not keras_graph.is_graph_network(model):
         raise ValueError(
             f"{what} supports Functional and Sequential models built on a known input shape "
             f"(got {type(model).__name__} {model.name!r}); subclassed models have no layer graph to rewrite"
         )
-
-
-def _model_nodes(model):
-    """The model's nodes from inputs to outputs (deepest first)."""
-    for depth in sorted(model._nodes_by_depth, reverse=True):
-        yield from model._nodes_by_depth[depth]
-
-
-def _consumers(model):
-    """Map ``id(tensor)`` -> list of nodes of ``model`` that take that tensor as input."""
-    out = {}
-    for node in _model_nodes(model):
-        if node.is_input:
-            continue
-        for t in tf.nest.flatten(node.keras_inputs):
-            out.setdefault(str(id(t)), []).append(node)
-    return out
-
-
-def _own_nodes(layer, model):
-    nodes = {id(n) for n in _model_nodes(model)}
-    return [n for n in layer._inbound_nodes if id(n) in nodes]
 
 
 def _bn_skip_reason(bn):
@@ -303,10 +275,10 @@ def unfoldable_pairs(model):
 
 def _pairs(model):
     _check_graph_model(model, "fold_batchnorm")
-    consumers = _consumers(model)
-    outputs = {str(id(t)) for t in model.outputs}
+    consumers = keras_graph.consumers(model)
+    outputs = keras_graph.output_ids(model)
     pairs, skipped = [], []
-    for node in _model_nodes(model):
+    for node in keras_graph.nodes_in_order(model):
         layer = node.layer
         if type(layer) not in _FOLDED:
             continue
@@ -322,7 +294,7 @@ def _pairs(model):
             reason = "data_format is channels_first"
         elif getattr(layer, "groups", 1) != 1:
             reason = "grouped convolution"
-        elif len(_own_nodes(layer, model)) != 1 or len(_own_nodes(bn, model)) != 1:
+        elif len(keras_graph.inbound_nodes(layer, model)) != 1 or len(keras_graph.inbound_nodes(bn, model)) != 1:
             reason = "a layer is shared (called more than once)"
         elif out_ids[0] in outputs:
             reason = "the convolution output is also a model output"
@@ -393,31 +365,19 @@ def rebuild_functional(model, replace=None, bypass=(), name=None, copy_layers=Tr
     replace = dict(replace or {})
     bypass = set(bypass)
     copies = {}
-    new_inputs = [
-        keras.Input(batch_shape=t.shape, dtype=t.dtype, name=layer.name)
-        for t, layer in zip(model.inputs, model._input_layers)
-    ]
-    tensors = {str(id(t)): _Reusable([n]) for t, n in zip(model.inputs, new_inputs)}
-    for node in _model_nodes(model):
-        if node.is_input:
-            continue
-        if any(t_id not in tensors for t_id in node.flat_input_ids):
-            continue
-        args, kwargs = node.map_arguments(tensors)
-        layer = node.layer
+
+    def call_layer(layer, args, kwargs):
         if layer.name in bypass:
-            outputs = args[0]
-        elif layer.name in replace:
-            outputs = replace[layer.name](*args, **kwargs)
-        else:
-            if copy_layers and id(layer) not in copies:
-                copies[id(layer)] = (layer, _copy_layer(layer))
-            new = copies[id(layer)][1] if copy_layers else layer
-            outputs = new(*args, **kwargs)
-        for t_id, y in zip(node.flat_output_ids, tf.nest.flatten(outputs)):
-            tensors[t_id] = _Reusable([y])
-    outputs = [tensors[str(id(t))][0] for t in model.outputs]
-    outputs = tf.nest.pack_sequence_as(model._nested_outputs, outputs)
+            return args[0]
+        if layer.name in replace:
+            return replace[layer.name](*args, **kwargs)
+        if copy_layers and id(layer) not in copies:
+            copies[id(layer)] = (layer, _copy_layer(layer))
+        new = copies[id(layer)][1] if copy_layers else layer
+        return new(*args, **kwargs)
+
+    new_inputs = keras_graph.new_inputs_like(model)
+    outputs = keras_graph.rerun(model, new_inputs, call_layer)
     for old, new in copies.values():
         new.set_weights(old.get_weights())
     return keras.Model(new_inputs, outputs, name=name or model.name)

@@ -43,6 +43,10 @@ from typing import Dict, List
 
 import numpy as np
 
+from keras_coherence._internals import keras_graph
+from keras_coherence._internals.tfmot_private import (
+    QuantizeLayer, output_quantizers, output_range_vars, post_activation_quantizer,
+)
 from keras_coherence._keras import keras, tf
 
 __all__ = ["litert_rounding", "quantize_multiplier", "requantize", "multiply_by_quantized_multiplier", "KERNELS",
@@ -294,21 +298,6 @@ def _emulated_mean(inputs, input_vars, output_vars, keepdims, kernels):
     return _dequantized(tf.cast(out, tf.float32) + zp, zp, s_out)
 
 
-def _output_vars(layer):
-    """The min/max variables of the quantizer that quantizes ``layer``'s output, or None."""
-    from tensorflow_model_optimization.python.core.quantization.keras import quantize_layer, quantize_wrapper
-
-    if isinstance(layer, quantize_layer.QuantizeLayer):
-        return layer.quantizer_vars
-    if isinstance(layer, quantize_wrapper.QuantizeWrapper):
-        if layer._output_quantizers:
-            return layer._output_quantizer_vars
-        for act in layer._quantize_activations:
-            if getattr(act, "_post_activation_vars", None):
-                return act._post_activation_vars
-    return None
-
-
 _PASS_THROUGH = (keras.layers.ZeroPadding2D, keras.layers.Reshape, keras.layers.Dropout, keras.layers.Flatten)
 
 
@@ -316,22 +305,16 @@ def _inner_layer(layer):
     return getattr(layer, "layer", layer)
 
 
-def _inbound_layers(layer):
-    """The layers feeding ``layer``'s first node, as a list."""
-    inbound = layer.inbound_nodes[0].inbound_layers
-    return list(inbound) if isinstance(inbound, (list, tuple)) else [inbound]
-
-
 def _producer_vars(layer, elided=()):
     """Walk back from ``layer``'s input through pass-through layers (and layers the
     converter removes, ``elided``) to an output quantizer."""
     current = layer
     for _ in range(16):
-        inbound = _inbound_layers(current)
+        inbound = keras_graph.inbound_layers(current)
         if len(inbound) != 1:
             return None
         inbound = inbound[0]
-        found = None if inbound in elided else _output_vars(inbound)
+        found = None if inbound in elided else output_range_vars(inbound)
         if found is not None:
             return found
         if not isinstance(_inner_layer(inbound), _PASS_THROUGH) and inbound not in elided:
@@ -352,8 +335,9 @@ def _bypass_output_quantizer(wrapper, restore):
     """At inference, ``wrapper``'s output quantizer passes values through: the layer
     already computes LiteRT's int8 output, or the converter removes the layer. TF's
     fake-quant can nudge the zero point one code off the converter's."""
-    restore.append((wrapper._output_quantizers, 0, wrapper._output_quantizers[0]))
-    wrapper._output_quantizers[0] = _Identity(wrapper._output_quantizers[0])
+    quantizers = output_quantizers(wrapper)
+    restore.append((quantizers, 0, quantizers[0]))
+    quantizers[0] = _Identity(quantizers[0])
 
 
 class _Identity(_StandIn):
@@ -382,23 +366,21 @@ def litert_rounding(model, kernels="optimized"):
         with litert_rounding(qat_model):
             logits = qat_model.predict(x)   # == run_tflite(tflite_model, x)
     """
-    from tensorflow_model_optimization.python.core.quantization.keras import quantize_layer
-
-    from keras_coherence.quantization.qat import _consumer_layers, _fused_relu, quantized_kernels
+    from keras_coherence.quantization.qat import _fused_relu, quantized_kernels
 
     if kernels not in KERNELS:
         raise ValueError(f"kernels={kernels!r}: expected one of {sorted(KERNELS)}")
     rounding = KERNELS[kernels]
     restore: List = []
     report: Dict = {"patched": [], "skipped": {}}
-    elided = {layer for layer in model.layers if _identity_mean(layer) and getattr(layer, "_output_quantizers", None)}
-    consumers = _consumer_layers(model)
+    elided = {layer for layer in model.layers if _identity_mean(layer) and output_quantizers(layer)}
+    consumers = keras_graph.consumer_layers(model)
     try:
         for layer in elided:
             _bypass_output_quantizer(layer, restore)
             report["patched"].append(layer.name)
         for layer in model.layers:  # float inputs: TFLite's QUANTIZE
-            if isinstance(layer, quantize_layer.QuantizeLayer) and layer.quantizer is not None:
+            if isinstance(layer, QuantizeLayer) and layer.quantizer is not None:
                 restore.append((layer, "quantizer", layer.quantizer))
                 layer.quantizer = _Quantize(layer.quantizer, rounding["quantize"] == "half_even")
                 report["patched"].append(layer.name)
@@ -408,44 +390,43 @@ def litert_rounding(model, kernels="optimized"):
             if input_vars is None:
                 report["skipped"][name] = "input not from an activation quantizer"
                 continue
-            if wrapper._quantize_activations and getattr(wrapper._quantize_activations[0], "_post_activation_vars",
-                                                         None):
-                act = wrapper._quantize_activations[0]
+            act = post_activation_quantizer(wrapper)
+            if act is not None:
                 restore.append((act, "quantizer", act.quantizer))
                 act.quantizer = _Requantizer(act.quantizer, input_vars, k, rounding[k.quantizer.layout],
                                              bias_input_vars=bias_input_vars)
             else:
                 users = consumers[wrapper.name][0]
                 user = users[0] if len(users) == 1 else None
-                if user is None or not getattr(user, "_output_quantizers", None) or not _fused_relu(_inner_layer(user)):
+                if user is None or not output_quantizers(user) or not _fused_relu(_inner_layer(user)):
                     report["skipped"][name] = "output not quantized by one fused ReLU"
                     continue
                 inner = _inner_layer(user)
                 cap = getattr(inner, "max_value", None)
                 if getattr(getattr(inner, "activation", None), "__name__", None) == "relu6":
                     cap = 6.0
-                restore.append((user._output_quantizers, 0, user._output_quantizers[0]))
-                user._output_quantizers[0] = _Requantizer(user._output_quantizers[0], input_vars, k,
-                                                          rounding[k.quantizer.layout], relu=True,
-                                                          relu_max=None if cap is None else float(cap),
-                                                          bias_input_vars=bias_input_vars)
+                quantizers = output_quantizers(user)
+                restore.append((quantizers, 0, quantizers[0]))
+                quantizers[0] = _Requantizer(quantizers[0], input_vars, k, rounding[k.quantizer.layout], relu=True,
+                                             relu_max=None if cap is None else float(cap),
+                                             bias_input_vars=bias_input_vars)
             report["patched"].append(name)
         for wrapper in model.layers:  # two-input ADDs whose inputs both come from quantizers
             inner = _inner_layer(wrapper)
-            if type(inner) is not keras.layers.Add or _output_vars(wrapper) is None:
+            if type(inner) is not keras.layers.Add or output_range_vars(wrapper) is None:
                 continue
-            input_vars = [_output_vars(layer) for layer in _inbound_layers(wrapper)]
+            input_vars = [output_range_vars(layer) for layer in keras_graph.inbound_layers(wrapper)]
             if len(input_vars) != 2 or any(v is None for v in input_vars):
                 report["skipped"][wrapper.name] = "ADD inputs not both from quantizers"
                 continue
             restore.append((inner, "call", None))
-            inner.call = (lambda inputs, _in=input_vars, _out=_output_vars(wrapper), **kwargs:
+            inner.call = (lambda inputs, _in=input_vars, _out=output_range_vars(wrapper), **kwargs:
                           _emulated_add(inputs, _in, _out))
             _bypass_output_quantizer(wrapper, restore)
             report["patched"].append(wrapper.name)
         for wrapper in model.layers:  # global average pooling: TFLite's MEAN
             inner = _inner_layer(wrapper)
-            if (type(inner) is not keras.layers.GlobalAveragePooling2D or _output_vars(wrapper) is None
+            if (type(inner) is not keras.layers.GlobalAveragePooling2D or output_range_vars(wrapper) is None
                     or wrapper in elided):
                 continue
             input_vars = _producer_vars(wrapper, elided)
@@ -455,7 +436,7 @@ def litert_rounding(model, kernels="optimized"):
                                                    "a quantized input")
                 continue
             restore.append((inner, "call", None))
-            inner.call = (lambda inputs, _in=input_vars, _out=_output_vars(wrapper), _keep=bool(inner.keepdims),
+            inner.call = (lambda inputs, _in=input_vars, _out=output_range_vars(wrapper), _keep=bool(inner.keepdims),
                           **kwargs: _emulated_mean(inputs, _in, _out, _keep, kernels))
             _bypass_output_quantizer(wrapper, restore)
             report["patched"].append(wrapper.name)

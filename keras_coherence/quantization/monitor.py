@@ -74,6 +74,7 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
+from keras_coherence._internals.keras_private import all_layers, build_input_shape
 from keras_coherence._keras import keras, tf
 from keras_coherence.quantization.base import PO2Quantizer
 
@@ -110,7 +111,7 @@ def _short(variable):
 
 def _layer_weight(owner, attr, quantizer, exclude):
     """The weight of ``owner`` that ``quantizer`` (its attribute ``attr``) quantizes, or None."""
-    shape = getattr(quantizer, "_build_input_shape", None)
+    shape = build_input_shape(quantizer)
     if shape is None:
         return None
     shape = tf.TensorShape(shape)
@@ -128,10 +129,12 @@ def _numpy(tensor_fn):
 
 def po2_quantizers(model) -> List[TrackedQuantizer]:
     """Every built PO2 weight quantizer of ``model`` (layer order), as ``TrackedQuantizer``."""
+    from keras_coherence._internals.tfmot_private import weight_quantizers  # ScaleMonitor needs tfmot
+
     found, seen = [], set()
-    layers = list(model._flatten_layers(include_self=True, recursive=True))
+    layers = all_layers(model)
     for layer in layers:
-        weight_vars = getattr(layer, "_weight_vars", None)  # a tfmot QuantizeWrapper
+        weight_vars = weight_quantizers(layer)  # a tfmot QuantizeWrapper's
         if weight_vars:
             from keras_coherence.quantization.tfmot_adapter import TFMOTQuantizer
 

@@ -30,12 +30,11 @@ import numbers
 
 import numpy as np
 import tensorflow_model_optimization as tfmot
-from tensorflow_model_optimization.python.core.quantization.keras import quantize_layer
-from tensorflow_model_optimization.python.core.quantization.keras.quantize_layout_transform import (
-    QuantizeLayoutTransform as _QuantizeLayoutTransform,
-)
 
-from keras_coherence._keras import in_output_shape_inference, keras, tf
+from keras_coherence._internals import keras_graph, tfmot_private
+from keras_coherence._internals.keras_private import in_output_shape_inference
+from keras_coherence._internals.tf_private import smart_cond
+from keras_coherence._keras import keras, tf
 from keras_coherence.quantization import folding
 from keras_coherence.quantization import quantizers as _quantizers
 from keras_coherence.quantization.base import PO2Quantizer
@@ -122,9 +121,7 @@ class PO2KernelQuantizer(TFMOTQuantizer):
             # training branches, in every clone quantize_model makes) took most of its time
             return tf.identity(inputs)
         if not isinstance(training, (bool, int)):  # tfmot passes Python bools; be safe with tensors
-            return tf.__internal__.smart_cond.smart_cond(
-                training, lambda: self(inputs, True, weights), lambda: self(inputs, False, weights)
-            )
+            return smart_cond(training, lambda: self(inputs, True, weights), lambda: self(inputs, False, weights))
         shape = tf.convert_to_tensor(inputs).shape
         if self._export is not None and not training:
             # Export: the frozen inference values as constants (see ``export_values``).
@@ -268,6 +265,7 @@ class PO2QuantizeConfig(_tq.QuantizeConfig):
 def _tfmot_defaults(activation_bits):
     """tfmot's defaults for ``activation_bits``: ``(registry, output-quantizing config
     factory, no-op config class, layout-transforms factory)``."""
+    output_config, noop_config = tfmot_private.default_quantize_configs(activation_bits)
     if activation_bits == 8:
         from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (
             default_8bit_quantize_configs as configs,
@@ -290,9 +288,9 @@ def _tfmot_defaults(activation_bits):
 
     kw = {"num_bits_weight": 8, "num_bits_activation": activation_bits}
     return (
-        registry.DefaultNBitQuantizeRegistry(**kw),
-        lambda: configs.DefaultNBitOutputQuantizeConfig(**kw),
-        configs.NoOpQuantizeConfig,
+        registry,
+        output_config,
+        noop_config,
         lambda: [transforms.InputLayerQuantize(**kw)] + [getattr(transforms, n)(**kw) for n in _CONCATS],
     )
 
@@ -301,17 +299,13 @@ _CONCATS = ("ConcatTransform6Inputs", "ConcatTransform5Inputs", "ConcatTransform
             "ConcatTransform3Inputs", "ConcatTransform")
 
 
-class _PO2LayoutTransform(_QuantizeLayoutTransform):
+class _PO2LayoutTransform(_tq.QuantizeLayoutTransform):
     def __init__(self, activation_bits):
         self.activation_bits = activation_bits
 
     def apply(self, model, layer_quantize_map):
-        from tensorflow_model_optimization.python.core.quantization.keras.graph_transformations import (
-            model_transformer,
-        )
-
         transforms = _tfmot_defaults(self.activation_bits)[3]()
-        return model_transformer.ModelTransformer(
+        return _tq.graph_transformations.model_transformer.ModelTransformer(
             model, transforms, set(layer_quantize_map.keys()), layer_quantize_map
         ).transform()
 
@@ -332,7 +326,7 @@ class PO2QuantizeScheme(_tq.QuantizeScheme):
 
 
 # ------------------------------------------------------------ annotation
-class _LoadableQuantizeLayer(quantize_layer.QuantizeLayer):
+class _LoadableQuantizeLayer(tfmot_private.QuantizeLayer):
     """tfmot's ``QuantizeLayer`` whose ``build`` runs once.
 
     tfmot's ``build`` never sets ``built``: loading a ``.keras`` file builds the layer
@@ -432,22 +426,6 @@ def _fused_relu(layer):
     return False
 
 
-def _consumer_layers(model):
-    """``layer name -> (consumer layers, is a model output)``."""
-    consumers = folding._consumers(model)
-    outputs = {str(id(t)) for t in model.outputs}
-    out = {}
-    for node in folding._model_nodes(model):
-        if node.is_input:
-            continue
-        users, is_output = out.setdefault(node.layer.name, ([], False))
-        for t_id in node.flat_output_ids:
-            users.extend(n.layer for n in consumers.get(t_id, []))
-            is_output = is_output or t_id in outputs
-        out[node.layer.name] = (users, is_output)
-    return out
-
-
 def _quantizer_template(method, bits, options):
     if isinstance(method, PO2Quantizer):
         config = _quantizers.serialize(method)
@@ -486,7 +464,7 @@ def annotate(model, bits=4, method="msqe", per_channel=True, activation_bits=8, 
         raise ValueError(f"unsupported must be 'raise' or 'float', got {unsupported!r}")
     template = _quantizer_template(method, bits, quantizer_options)
     registry, output_config, noop_config, _ = _tfmot_defaults(activation_bits)
-    usage = _consumer_layers(model)
+    usage = keras_graph.consumer_layers(model)
     configs, bad, float_kernels = {}, [], []
     for layer in model.layers:
         if isinstance(layer, keras.layers.InputLayer):
@@ -625,7 +603,7 @@ def _check_batchnorms_foldable(model, fold_batchnorm):
     folded = {(c.name, b.name) for c, b in folding._pairs(model)[0]} if fold_batchnorm else set()
     reasons = {(c.name, b.name): r for c, b, r in folding.unfoldable_pairs(model)}
     bad = []
-    for name, (users, _) in _consumer_layers(model).items():
+    for name, (users, _) in keras_graph.consumer_layers(model).items():
         layer = model.get_layer(name)
         if _kernel_kind(layer) is None:
             continue
@@ -669,9 +647,7 @@ def calibrate_activations(model, x):
         x: a batch of representative inputs (a few hundred samples is plenty); NaN or
             Inf raise ``ValueError``.
     """
-    from tensorflow_model_optimization.python.core.quantization.keras import quant_ops
-
-    moving, all_values = quant_ops.MovingAvgQuantize, quant_ops.AllValuesQuantize
+    moving = tfmot_private.range_ops().moving_average
 
     def batch_range(inputs, min_var, max_var, per_channel=False, ema_decay=0.999, name_prefix="MovingAvgQuantize",
                     is_training=True, num_bits=8, narrow_range=False, symmetric=False):
@@ -687,11 +663,8 @@ def calibrate_activations(model, x):
         if not np.all(np.isfinite(np.asarray(part, np.float32))):
             raise ValueError("calibrate_activations: the calibration batch contains NaN or Inf; every "
                              "activation range would become NaN. Pass finite samples")
-    quant_ops.MovingAvgQuantize, quant_ops.AllValuesQuantize = batch_range, input_range
-    try:
+    with tfmot_private.range_ops_replaced(tfmot_private.RangeOps(batch_range, input_range)):
         model(x, training=False)
-    finally:
-        quant_ops.MovingAvgQuantize, quant_ops.AllValuesQuantize = moving, all_values
 
 
 def nonfinite_variables(model):
@@ -733,7 +706,7 @@ def quantized_kernels(model):
     for wrapper in model.layers:
         if not isinstance(wrapper, _tq.QuantizeWrapper):
             continue
-        for weight, quantizer, state in wrapper._weight_vars:
+        for weight, quantizer, state in tfmot_private.weight_quantizers(wrapper):
             if isinstance(quantizer, PO2KernelQuantizer):
                 out.append(QuantizedKernel(wrapper, weight, quantizer, state))
     return out

@@ -7,13 +7,14 @@ mean of the replicas' updates: not the range one device would record on the same
 batch (the mean of the replicas' maxima is below the batch's maximum). The weights then
 train against other fake-quantization ranges and drift away from one-device training.
 
-:func:`install` wraps tfmot's two range ops (looked up as ``quant_ops.<name>`` when a
-quantizer is called) so that, in training under more than one replica, the batch
+:func:`install` wraps tfmot's two range ops (``tfmot_private.range_ops``: every quantizer
+looks them up when it is called) so that, in training under more than one replica, the batch
 minimum and maximum are first taken over all replicas (``all_gather``; ``ReduceOp`` has
 no MIN/MAX), and tfmot's own op performs its update on those extremes; the inputs are then
 fake-quantized with the updated range, as tfmot does. One replica, or inference: tfmot's
 op unchanged. Installed when ``keras_coherence.quantization.qat`` is imported.
 """
+from keras_coherence._internals import tfmot_private
 from keras_coherence._keras import tf
 
 
@@ -36,7 +37,7 @@ def _global_extremes(ctx, inputs, per_channel):
     return tf.cast(extremes, inputs.dtype)
 
 
-def _synced(op, quant_ops):
+def _synced(op):
     def range_op(inputs, min_var, max_var, *args, **kwargs):
         ctx = _replicas()
         if ctx is None or not kwargs.get("is_training", True):
@@ -45,7 +46,7 @@ def _synced(op, quant_ops):
         updated = op(_global_extremes(ctx, inputs, per_channel), min_var, max_var, *args, **kwargs)
         with tf.control_dependencies([updated]):
             lo, hi = tf.identity(min_var), tf.identity(max_var)
-        return quant_ops._FakeQuantWithMinMaxVars(
+        return tfmot_private.fake_quant_with_min_max_vars(
             inputs, lo, hi, per_channel=per_channel, num_bits=kwargs.get("num_bits", 8),
             narrow_range=kwargs.get("narrow_range", False))
 
@@ -55,9 +56,5 @@ def _synced(op, quant_ops):
 
 def install():
     """Wrap tfmot's ``MovingAvgQuantize`` and ``AllValuesQuantize`` (once)."""
-    from tensorflow_model_optimization.python.core.quantization.keras import quant_ops
-
-    for name in ("MovingAvgQuantize", "AllValuesQuantize"):
-        current = getattr(quant_ops, name)
-        if not hasattr(current, "tfmot_op"):
-            setattr(quant_ops, name, _synced(current, quant_ops))
+    tfmot_private.set_range_ops(tfmot_private.RangeOps(
+        *(op if hasattr(op, "tfmot_op") else _synced(op) for op in tfmot_private.range_ops())))

@@ -21,6 +21,7 @@ True
 """
 import tensorflow_model_optimization as tfmot
 
+from keras_coherence._internals.keras_private import own_trainable_weights
 from keras_coherence._keras import keras, tf  # noqa: F401  (keras/tf used in the doctest)
 from keras_coherence.quantization import quantizers as _quantizers
 
@@ -90,6 +91,6 @@ def _inner_weights_first(wrapper):
     """
     if not isinstance(wrapper, tfmot.quantization.keras.QuantizeWrapperV2):
         return
-    inner, own = wrapper.layer, wrapper._trainable_weights
+    inner, own = wrapper.layer, own_trainable_weights(wrapper)
     if inner.built:
         own.extend(w for w in inner.trainable_weights if not any(w is v for v in own))

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import inspect
 
+from keras_coherence._internals.keras_private import (
+    attention, attention_built, attention_mask, attention_projection,
+)
 from keras_coherence._keras import keras, tf
 from keras_coherence.coherence.registry import LayerGrads, LayerRule, NotSupported, Trace, register
 from keras_coherence.coherence.rules.einsum import EinsumDenseRule
@@ -18,12 +21,8 @@ _PROJECTIONS = ("query", "key", "value", "output")
 _EINSUM = EinsumDenseRule()
 
 
-def _projection(layer, name):
-    return getattr(layer, f"_{name}_dense", None)
-
-
 def _sub_trace(trace, name):
-    return Trace(_projection(trace.layer, name), _EINSUM, [], trace.context[name], trace.static[name])
+    return Trace(attention_projection(trace.layer, name), _EINSUM, [], trace.context[name], trace.static[name])
 
 
 @register
@@ -33,15 +32,15 @@ class MultiHeadAttentionRule(LayerRule):
     def check(self, layer):
         if layer.activity_regularizer is not None:
             raise NotSupported("activity_regularizer is set")
-        if not getattr(layer, "_built_from_signature", False):
+        if not attention_built(layer):
             raise NotSupported("the layer has not been called yet (its projections do not exist)")
         for name in _PROJECTIONS:
-            dense = _projection(layer, name)
+            dense = attention_projection(layer, name)
             if type(dense) is not keras.layers.EinsumDense:
                 raise NotSupported(f"its {name} projection is a {type(dense).__name__}, not an EinsumDense")
             _EINSUM.check(dense)
         own = {id(v) for v in layer.trainable_weights}
-        projected = {id(v) for name in _PROJECTIONS for v in _projection(layer, name).trainable_weights}
+        projected = {id(v) for name in _PROJECTIONS for v in attention_projection(layer, name).trainable_weights}
         if own != projected:
             raise NotSupported("it has trainable weights outside its four projections")
 
@@ -54,14 +53,12 @@ class MultiHeadAttentionRule(LayerRule):
             raise ValueError(f"layer {layer.name!r}: keras_coherence's MultiHeadAttention rule takes "
                              "dense tensors; convert ragged inputs with .to_tensor() first")
         key = value if key is None else key
-        mask = layer._compute_attention_mask(query, value, key=key, attention_mask=a["attention_mask"],
-                                             use_causal_mask=a["use_causal_mask"])
+        mask = attention_mask(layer, query, value, key, a["attention_mask"], a["use_causal_mask"])
         traces, outs = {}, {}
         for name, inputs in (("query", query), ("key", key), ("value", value)):
-            outs[name], traces[name] = _EINSUM.forward(_projection(layer, name), [inputs], {}, mode)
-        attended, scores = layer._compute_attention(outs["query"], outs["key"], outs["value"], mask,
-                                                    training=mode == "train")
-        out, traces["output"] = _EINSUM.forward(layer._output_dense, [attended], {}, mode)
+            outs[name], traces[name] = _EINSUM.forward(attention_projection(layer, name), [inputs], {}, mode)
+        attended, scores = attention(layer, outs["query"], outs["key"], outs["value"], mask, training=mode == "train")
+        out, traces["output"] = _EINSUM.forward(attention_projection(layer, "output"), [attended], {}, mode)
         trace = Trace(layer, self, [traces[n].watched[0] for n in _PROJECTIONS],
                       {n: traces[n].context for n in _PROJECTIONS},
                       {n: traces[n].static for n in _PROJECTIONS})

@@ -6,7 +6,8 @@ with ``dz`` in one batched matmul (much cheaper than ``tf.image.extract_patches`
 and takes the batch sum of those per-example gradients as the kernel gradient -- so
 the usual filter backprop is not paid for twice.
 """
-from keras_coherence._keras import keras, onednn_enabled, tf
+from keras_coherence._internals.tf_private import onednn_enabled
+from keras_coherence._keras import keras, tf
 from keras_coherence.coherence.registry import (
     LayerGrads, LayerRule, NotSupported, Trace, apply_activation, reduce_sq, register,
     var_key,
