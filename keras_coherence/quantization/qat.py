@@ -267,26 +267,14 @@ def _tfmot_defaults(activation_bits):
     factory, no-op config class, layout-transforms factory)``."""
     output_config, noop_config = tfmot_private.default_quantize_configs(activation_bits)
     if activation_bits == 8:
-        from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (
-            default_8bit_quantize_configs as configs,
-            default_8bit_quantize_registry as registry,
-            default_8bit_transforms as transforms,
-        )
-
-        return (
-            registry.Default8BitQuantizeRegistry(),
-            lambda: configs.Default8BitOutputQuantizeConfig(),
-            configs.NoOpQuantizeConfig,
-            lambda: [transforms.InputLayerQuantize()]
-            + [getattr(transforms, n)() for n in _CONCATS],
-        )
-    from tensorflow_model_optimization.python.core.quantization.keras.experimental.default_n_bit import (
-        default_n_bit_quantize_configs as configs,
-        default_n_bit_quantize_registry as registry,
-        default_n_bit_transforms as transforms,
-    )
-
-    kw = {"num_bits_weight": 8, "num_bits_activation": activation_bits}
+        defaults, kw = _tq.default_8bit, {}
+        registry = defaults.Default8BitQuantizeRegistry()
+        transforms = defaults.default_8bit_transforms
+    else:
+        defaults = _tq.experimental.default_n_bit
+        kw = {"num_bits_weight": 8, "num_bits_activation": activation_bits}
+        registry = defaults.DefaultNBitQuantizeRegistry(**kw)
+        transforms = defaults.default_n_bit_transforms
     return (
         registry,
         output_config,
