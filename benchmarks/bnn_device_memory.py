@@ -76,6 +76,19 @@ def _tensor_bytes(shape, dtype):
     return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
 
 
+def _signature_def(model, signature):
+    return next(model.SignatureDefs(i) for i in range(model.SignatureDefsLength())
+                if model.SignatureDefs(i).SignatureKey().decode() == signature)
+
+
+def signature_subgraph(flatbuffer, signature="train"):
+    """The index of ``signature``'s subgraph in the file: the ``subgraph_index`` of the
+    interpreter's ``get_tensor_details`` for that signature's tensors."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    return int(_signature_def(schema.Model.GetRootAsModel(flatbuffer, 0), signature).SubgraphIndex())
+
+
 def tensor_breakdown(flatbuffer, signature="train", output="loss"):
     """Every tensor of ``signature``'s subgraph as ``{index, name, shape, dtype, bytes, kind}``
     (kinds: :data:`KINDS`) plus the live-tensor replay of the op order; numpy and the
@@ -90,8 +103,7 @@ def tensor_breakdown(flatbuffer, signature="train", output="loss"):
                    "INT8": np.int8, "UINT8": np.uint8, "BOOL": np.bool_, "INT16": np.int16,
                    "FLOAT64": np.float64, "RESOURCE": None}
     ops = {v: k for k, v in vars(schema.BuiltinOperator).items() if k.isupper()}
-    sig = next(model.SignatureDefs(i) for i in range(model.SignatureDefsLength())
-               if model.SignatureDefs(i).SignatureKey().decode() == signature)
+    sig = _signature_def(model, signature)
     graph = model.Subgraphs(sig.SubgraphIndex())
     loss = next(sig.Outputs(i).TensorIndex() for i in range(sig.OutputsLength())
                 if sig.Outputs(i).Name().decode() == output)
@@ -176,6 +188,7 @@ def child_measure(model_path, batch_size, steps, xnnpack=False, threads=None):
     with open(model_path, "rb") as f:
         flatbuffer = f.read()  # parsed before the baseline, so the breakdown costs no phase
     tensors, arena = tensor_breakdown(flatbuffer)
+    train_subgraph = signature_subgraph(flatbuffer)
     del flatbuffer
     probe = open_interpreter(model_path)  # shapes only; freed before the baseline
     spec = probe.get_signature_runner("train").get_input_details()
@@ -213,8 +226,7 @@ def child_measure(model_path, batch_size, steps, xnnpack=False, threads=None):
     out["first_step_ms"] = times[0] * 1e3
     out["losses"] = losses
     # the interpreter's own view of the shapes, to cross-check the flatbuffer's
-    sub = train._subgraph_index
-    details = interpreter.get_tensor_details(sub)
+    details = interpreter.get_tensor_details(train_subgraph)
     out["interpreter_tensor_bytes"] = {int(d["index"]): _tensor_bytes(d["shape"], d["dtype"])
                                        for d in details}
     # tensors the kernels add at prepare time (CONV_2D's im2col buffers): not in the file

@@ -38,8 +38,9 @@ CANDIDATES = ("float", "double", "double_half_up", "single")
 KERNEL_SETS = ("optimized", "reference")
 
 
-def _int_ops(interp, qat, tf):
-    """``{op kind: [(int8 output as computed by LiteRT, {candidate: recomputed})]}``."""
+def _int_ops(interp, ops, qat, tf):
+    """``{op kind: [(int8 output as computed by LiteRT, {candidate: recomputed})]}`` over the
+    file's ``ops`` (``tflite_operators``) that ``interp`` ran."""
     from keras_coherence.quantization.litert import multiply_by_quantized_multiplier, quantize_multiplier
 
     det = {d["index"]: d for d in interp.get_tensor_details()}
@@ -58,8 +59,8 @@ def _int_ops(interp, qat, tf):
         return multiply_by_quantized_multiplier(acc, q31, shift, candidate)
 
     out = {}
-    for op in interp._get_ops_details():
-        kind, ins, i_out = op["op_name"], [int(i) for i in op["inputs"]], int(op["outputs"][0])
+    for op in ops:
+        kind, ins, i_out = op.name, op.inputs, op.outputs[0]
         if kind not in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "MEAN"):
             continue
         (s_out, z_out), lite = qparams(i_out), tensor(i_out)
@@ -131,7 +132,9 @@ def main(argv=None):
     from keras_coherence import data, models
     from keras_coherence import keras, tf
     from keras_coherence.quantization import quantize_model
-    from keras_coherence.quantization.export import _interpreter, run_tflite, tflite_output_step, to_tflite
+    from keras_coherence.quantization.export import (
+        litert_interpreter, run_tflite, tflite_operators, tflite_output_step, to_tflite,
+    )
     from keras_coherence.quantization.litert import litert_rounding
 
     (x, y), (xt, _) = data.load_dataset("embedded_mnist")
@@ -155,13 +158,13 @@ def main(argv=None):
     print(f"{'kernels':10s} {'op':18s} {'ops':>4s} {'outputs':>9s} " + " ".join(f"{c:>15s}" for c in CANDIDATES))
     probe = xt[:100]  # every intermediate tensor is kept: a smaller batch
     for kernels in KERNEL_SETS:
-        interp = _interpreter(tflite_model, kernels, preserve_all_tensors=True)
+        interp = litert_interpreter(tflite_model, kernels, preserve_all_tensors=True)
         inp = interp.get_input_details()[0]
         interp.resize_tensor_input(inp["index"], probe.shape)
         interp.allocate_tensors()
         interp.set_tensor(inp["index"], probe)
         interp.invoke()
-        for kind, ops in _int_ops(interp, qat, tf).items():
+        for kind, ops in _int_ops(interp, tflite_operators(tflite_model), qat, tf).items():
             n = sum(lite.size for lite, _ in ops)
             equal = {c: sum(int(np.sum(lite == got[c])) for lite, got in ops) / n for c in CANDIDATES}
             print(f"{kernels:10s} {kind:18s} {len(ops):4d} {n:9d} " + " ".join(f"{equal[c]:15.4%}" for c in CANDIDATES))

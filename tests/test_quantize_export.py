@@ -263,6 +263,18 @@ def test_tflite_weights_are_po2_integers_equal_to_integer_weights(exported):
     assert kernels[2]["scales"].size == 1
 
 
+def test_tflite_operators_are_the_nodes_litert_runs(exported):
+    """``tflite_operators`` reads the flatbuffer with LiteRT's schema module; the
+    interpreter's own (private) listing of its nodes agrees op for op: names, order and
+    tensor indices (-1 for an optional input left out included)."""
+    _, tflite_model, _, _ = exported
+    nodes = q_export.litert_interpreter(tflite_model)._get_ops_details()
+    ops = q_export.tflite_operators(tflite_model)
+    assert [(op.name, op.inputs, op.outputs) for op in ops] == [
+        (n["op_name"], [int(i) for i in n["inputs"]], [int(i) for i in n["outputs"]]) for n in nodes]
+    assert {"QUANTIZE", "CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "DEQUANTIZE"} <= {op.name for op in ops}
+
+
 def test_litert_output_matches_keras_fake_quant_output(exported):
     model, tflite_model, bits, _ = exported
     x, y = _data(N_PARITY, seed=7)

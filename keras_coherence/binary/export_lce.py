@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 from keras_coherence._keras import keras, tf
-from keras_coherence._tflite import inference_function, variables_root
+from keras_coherence._tflite import inference_function, opcode_names, variables_root
 
 __all__ = ["larq_inference_model", "to_lce", "to_float_tflite", "lce_predict", "lce_latency",
            "tflite_ops", "non_builtin_ops", "LceReport", "compare", "check_lce_exportable",
@@ -214,19 +214,7 @@ def tflite_ops(flatbuffer):
     """The sorted names of the ops a TFLite file uses, over all its subgraphs
     (signatures included): builtin ops by their ``BuiltinOperator`` name, custom
     ops (``LceBconv2d``, ``FlexReluGrad``, ...) by their custom code."""
-    from ai_edge_litert import schema_py_generated as schema
-
-    builtin_names = {v: k for k, v in vars(schema.BuiltinOperator).items() if k.isupper()}
-    model = schema.Model.GetRootAs(bytes(flatbuffer), 0)
-    names = set()
-    for i in range(model.OperatorCodesLength()):
-        code = model.OperatorCodes(i)
-        op = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
-        if op == schema.BuiltinOperator.CUSTOM:
-            names.add(code.CustomCode().decode())
-        else:
-            names.add(builtin_names[op])
-    return sorted(names)
+    return sorted(set(opcode_names(flatbuffer)))
 
 
 def non_builtin_ops(flatbuffer):

@@ -8,8 +8,8 @@
   live in the int8 container; TF 2.21 packs 4-bit ones as INT4 in the file).
 * ``integer_weights(model)`` gives the same integers and exponents per layer, for
   hardware that is not TFLite.
-* ``tflite_kernels`` / ``run_tflite`` read a TFLite file back with LiteRT
-  (``ai_edge_litert``).
+* ``tflite_kernels`` / ``tflite_operators`` / ``run_tflite`` / ``litert_interpreter`` read a
+  TFLite file back with LiteRT (``ai_edge_litert``).
 """
 import contextlib
 import dataclasses
@@ -17,10 +17,11 @@ import dataclasses
 import numpy as np
 
 from keras_coherence._keras import tf
-from keras_coherence._tflite import inference_function, variables_root
+from keras_coherence._tflite import inference_function, tflite_operators, variables_root
 from keras_coherence.quantization import qat
 
-__all__ = ["IntegerKernel", "integer_weights", "to_tflite", "tflite_kernels", "tflite_output_step", "run_tflite"]
+__all__ = ["IntegerKernel", "integer_weights", "to_tflite", "tflite_kernels", "tflite_operators", "tflite_output_step",
+           "run_tflite", "litert_interpreter"]
 
 _KINDS = {"dense": "dense", "conv": "conv2d", "depthwise": "depthwise_conv2d"}
 _TFLITE_OPS = {"CONV_2D": "conv2d", "DEPTHWISE_CONV_2D": "depthwise_conv2d", "FULLY_CONNECTED": "dense"}
@@ -270,15 +271,14 @@ def _convert(model, kernels, representative_data):
 
 def _check_integer(tflite_model):
     """Raises ``ValueError`` if an op other than QUANTIZE / DEQUANTIZE computes in float."""
-    interp = _interpreter(tflite_model)
-    details = {d["index"]: d for d in interp.get_tensor_details()}
+    details = {d["index"]: d for d in litert_interpreter(tflite_model).get_tensor_details()}
     floats = []
-    for op in interp._get_ops_details():
-        if op["op_name"] in ("QUANTIZE", "DEQUANTIZE"):
+    for op in tflite_operators(tflite_model):
+        if op.name in ("QUANTIZE", "DEQUANTIZE"):
             continue
-        tensors = [int(i) for i in list(op["inputs"]) + list(op["outputs"]) if int(i) >= 0]
+        tensors = [i for i in op.inputs + op.outputs if i >= 0]
         if any(np.dtype(details[i]["dtype"]) == np.float32 for i in tensors):
-            floats.append(op["op_name"])
+            floats.append(op.name)
     if floats:
         raise ValueError(
             "the converted model still computes in float: " + ", ".join(sorted(set(floats)))
@@ -291,9 +291,10 @@ def _check_integer(tflite_model):
 _RESOLVERS = {"optimized": "BUILTIN_WITHOUT_DEFAULT_DELEGATES", "reference": "BUILTIN_REF"}
 
 
-def _interpreter(tflite_model, kernels="optimized", preserve_all_tensors=False):
-    """A LiteRT interpreter without delegates: ``kernels`` picks the optimized builtin
-    CPU kernels or the reference ones (``BUILTIN_REF``)."""
+def litert_interpreter(tflite_model, kernels="optimized", preserve_all_tensors=False):
+    """A LiteRT interpreter of ``tflite_model`` (bytes) without delegates: ``kernels`` picks
+    the optimized builtin CPU kernels or the reference ones (``BUILTIN_REF``);
+    ``preserve_all_tensors`` keeps every intermediate tensor readable after ``invoke``."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
     if kernels not in _RESOLVERS:
@@ -314,15 +315,15 @@ def tflite_kernels(tflite_model):
         interpreter returns them), ``dtype``, ``scales``, ``zero_points``,
         ``quantized_dimension``.
     """
-    interp = _interpreter(tflite_model)
+    interp = litert_interpreter(tflite_model)
     interp.allocate_tensors()
     details = {d["index"]: d for d in interp.get_tensor_details()}
     out = []
-    for op in interp._get_ops_details():
-        kind = _TFLITE_OPS.get(op["op_name"])
+    for op in tflite_operators(tflite_model):
+        kind = _TFLITE_OPS.get(op.name)
         if kind is None:
             continue
-        idx = int(op["inputs"][1])
+        idx = op.inputs[1]
         d = details[idx]
         qp = d["quantization_parameters"]
         out.append({
@@ -341,12 +342,12 @@ def tflite_output_step(tflite_model):
     """The quantization step of the model's (first) output: the scale of the int8 tensor
     that the final DEQUANTIZE turns into the float output, or None if the output is not
     dequantized from an integer tensor. Output differences divided by it count int8 steps."""
-    interp = _interpreter(tflite_model)
+    interp = litert_interpreter(tflite_model)
     details = {d["index"]: d for d in interp.get_tensor_details()}
     output = interp.get_output_details()[0]["index"]
-    for op in interp._get_ops_details():
-        if op["op_name"] == "DEQUANTIZE" and output in [int(i) for i in op["outputs"]]:
-            scale = details[int(op["inputs"][0])]["quantization_parameters"]["scales"]
+    for op in tflite_operators(tflite_model):
+        if op.name == "DEQUANTIZE" and output in op.outputs:
+            scale = details[op.inputs[0]]["quantization_parameters"]["scales"]
             return float(scale[0]) if len(scale) == 1 else None
     return None
 
@@ -360,7 +361,7 @@ def run_tflite(tflite_model, x, batch_size=256, kernels="optimized"):
     Returns:
         The float outputs, stacked (``len(x)`` rows).
     """
-    interp = _interpreter(tflite_model, kernels)
+    interp = litert_interpreter(tflite_model, kernels)
     inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
     x = np.asarray(x, np.float32)
     results = []
