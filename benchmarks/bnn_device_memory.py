@@ -1,7 +1,7 @@
 """Measured on-device (LiteRT) training memory of binary networks, next to memory_profile.
 
 For each (model, method, batch) the training model is exported with
-``TrainingModule(model, batch_size=B)`` + ``to_tflite`` and then run in a **fresh
+``TrainingModule(model, batch_size=B)`` + ``to_training_tflite`` and then run in a **fresh
 subprocess that imports only numpy and ai_edge_litert** (this file's ``--child`` mode
 never imports TensorFlow or keras_coherence). The child measures, from
 ``/proc/self/status`` (Linux only), resetting the peak mark (``echo 5 >
@@ -278,12 +278,12 @@ def export(model_name, method, batch_size, path):
     """Writes the training model; returns None, or why it does not lower (a string)."""
     from keras_coherence import keras
     from keras_coherence.binary import export_training
-    from keras_coherence.binary.models import build_model
+    from keras_coherence.binary.models import build_binary_model
 
     keras.utils.set_random_seed(0)
-    model = build_model(model_name, method)
+    model = build_binary_model(model_name, method)
     try:
-        flatbuffer = export_training.to_tflite(export_training.TrainingModule(model, batch_size=batch_size))
+        flatbuffer = export_training.to_training_tflite(export_training.TrainingModule(model, batch_size=batch_size))
     except ValueError as err:
         return " ".join(str(err).split())[:400]
     with open(path, "wb") as f:
@@ -308,10 +308,10 @@ def keras_model(model_name, method):
     """The model the export starts from, compiled as the exported training step trains
     (Adam 1e-3, sparse cross-entropy from logits): the Keras step-time reference."""
     from keras_coherence import keras
-    from keras_coherence.binary.models import build_model
+    from keras_coherence.binary.models import build_binary_model
 
     keras.utils.set_random_seed(0)
-    model = build_model(model_name, method)
+    model = build_binary_model(model_name, method)
     model.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     return model
 

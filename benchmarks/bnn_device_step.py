@@ -2,7 +2,7 @@
 interleaved in one process (paired rounds, so the load of a shared machine cancels).
 
 For each method the training model is exported with ``TrainingModule(model,
-batch_size=B)`` + ``to_tflite`` (or read from ``--keep-files`` with ``--reuse``, e.g. the
+batch_size=B)`` + ``to_training_tflite`` (or read from ``--keep-files`` with ``--reuse``, e.g. the
 files ``bnn_device_memory.py --keep-files`` wrote) and opened as ``python -m edge train``
 opens it (builtin kernels, no XNNPACK) with ``--threads`` interpreter threads; the Keras
 model is the same build, Adam from logits, ``train_on_batch`` on the same batch, with

@@ -40,10 +40,10 @@ def child(model_name, method, batch_size, steps, optimizer):
     import numpy as np
 
     import keras_coherence as kc
-    from keras_coherence.binary.models import build_model
+    from keras_coherence.binary.models import build_binary_model
     from keras_coherence.binary.training import make_optimizer
 
-    model = build_model(model_name, method)
+    model = build_binary_model(model_name, method)
     model.compile(make_optimizer(optimizer),
                   kc.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     rng = np.random.default_rng(0)

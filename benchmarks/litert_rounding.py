@@ -2,7 +2,7 @@
 
 Trains a small MobileNetV2 (alpha 0.35, 32x32x3 padded embedded MNIST) briefly in
 float, runs one QAT epoch with 4-bit PO2 weights (``msqe_baseline``), exports it with
-``to_tflite`` and runs LiteRT keeping every intermediate tensor, once with its
+``to_integer_tflite`` and runs LiteRT keeping every intermediate tensor, once with its
 optimized builtin CPU kernels (what ``run_tflite`` uses) and once with the reference
 kernels (``BUILTIN_REF``). For every CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED, ADD
 and MEAN op it takes the op's own int8 inputs, weights and int32 bias out of the
@@ -133,14 +133,14 @@ def main(argv=None):
     from keras_coherence import keras, tf
     from keras_coherence.quantization import quantize_model
     from keras_coherence.quantization.export import (
-        litert_interpreter, run_tflite, tflite_operators, tflite_output_step, to_tflite,
+        litert_interpreter, run_tflite, tflite_operators, tflite_output_step, to_integer_tflite,
     )
     from keras_coherence.quantization.litert import litert_rounding
 
     (x, y), (xt, _) = data.load_dataset("embedded_mnist")
     x, xt = models.pad_images(x), models.pad_images(xt[:args.images])
     keras.utils.set_random_seed(0)
-    model = models.build_model("mobilenet_v2", x.shape[1:], 10, alpha=0.35)
+    model = models.build_float_model("mobilenet_v2", x.shape[1:], 10, alpha=0.35)
     for layer in model.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.momentum = 0.9
@@ -150,7 +150,7 @@ def main(argv=None):
     qat = quantize_model(model, bits=4, method="msqe_baseline", calibration_data=x[:256])
     qat.compile(keras.optimizers.Adam(1e-4), loss)
     qat.fit(x, y, batch_size=64, epochs=1, verbose=0)
-    tflite_model = to_tflite(qat)
+    tflite_model = to_integer_tflite(qat)
     step = tflite_output_step(tflite_model)
     print(f"MobileNetV2 alpha 0.35, 4-bit PO2 weights (msqe_baseline), {len(xt)} test images")
 

@@ -239,7 +239,7 @@ def main(argv=None):
         for seed in args.seed_list:
             # The seed sets the initial weights and the data order of the float training ...
             keras.utils.set_random_seed(seed)
-            model = models.build_model(name, x_train.shape[1:], num_classes, alpha=ALPHA.get(name, 0.35))
+            model = models.build_float_model(name, x_train.shape[1:], num_classes, alpha=ALPHA.get(name, 0.35))
             for layer in model.layers:  # Keras's 0.999 leaves small-data runs near chance
                 if isinstance(layer, keras.layers.BatchNormalization):
                     layer.momentum = 0.9

@@ -1,6 +1,6 @@
 """Train and run an exported training model with LiteRT and numpy only.
 
-The model file is what ``keras_coherence.binary.export_training.to_tflite`` writes:
+The model file is what ``keras_coherence.binary.export_training.to_training_tflite`` writes:
 a TFLite model with the signatures ``train(x, y) -> loss``, ``infer(x) -> logits``,
 ``get_weights() -> {name: array}`` and ``set_weights(**{name: array})``. Nothing here
 imports TensorFlow or keras_coherence.
@@ -159,7 +159,7 @@ class TrainingModel:
         if missing:
             raise ValueError(
                 f"{path} lacks the signature(s) {missing} (it has {sorted(found)}); export it with "
-                "keras_coherence.binary.export_training.to_tflite"
+                "keras_coherence.binary.export_training.to_training_tflite"
             )
         self._runners = {s: self.interpreter.get_signature_runner(s) for s in SIGNATURES}
         self.weight_names = list(found["set_weights"]["inputs"])
@@ -170,7 +170,7 @@ class TrainingModel:
                    for n, v in self._runners["get_weights"].get_output_details().items()}
         if outputs != self.weight_spec:
             raise ValueError(f"{path}: get_weights returns other tensors than set_weights takes; "
-                             "export it again with keras_coherence.binary.export_training.to_tflite")
+                             "export it again with keras_coherence.binary.export_training.to_training_tflite")
         inputs = self._runners["train"].get_input_details()
         self.x_dtype = inputs["x"]["dtype"]
         self.y_dtype = inputs["y"]["dtype"]

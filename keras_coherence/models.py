@@ -14,24 +14,45 @@ wrapped by :func:`keras_coherence.coherence.with_coherence`.
 * :func:`text_transformer` -- a small text classifier: token embedding, encoder blocks
   (MultiHeadAttention and a ReLU feed-forward, each with a residual and
   LayerNormalization), average pooling, logits.
-* :func:`build_model` -- one of the image models above by name (``MODEL_NAMES``).
+* :func:`build_float_model` -- one of the image models above by name, from the
+  :data:`FLOAT_MODELS` registry; :func:`register` adds a builder of your own to it.
 
 >>> model = mlp(hidden=(32,))
 >>> model.output_shape, [layer.name for layer in model.layers]
 ((None, 10), ['input', 'flatten', 'dense_1', 'logits'])
->>> build_model("cnn").count_params()
+>>> build_float_model("cnn").count_params()
 225034
 """
 from __future__ import annotations
 
-import difflib
 import numbers
-from typing import Callable, Dict, Sequence, Tuple
+from typing import Sequence, Tuple
 
+from keras_coherence._deprecation import deprecated_alias
 from keras_coherence._keras import keras
+from keras_coherence._registry import Registry, lowercase_name
 
-__all__ = ["MODEL_NAMES", "build_model", "mlp", "mobilenet_v1", "mobilenet_v2", "pad_images", "small_cnn",
-           "text_transformer"]
+__all__ = ["FLOAT_MODELS", "MODEL_NAMES", "build_float_model", "mlp", "mobilenet_v1",
+           "mobilenet_v2", "pad_images", "register", "small_cnn", "text_transformer"]
+
+#: The float model builders by name: :func:`register` adds to it, :func:`build_float_model` reads it.
+FLOAT_MODELS = Registry("model", normalize=lowercase_name)
+
+
+def register(name: str, *, aliases: Sequence[str] = (), replace: bool = False):
+    """Decorator: make a model builder ``fn(input_shape=..., num_classes=..., **options)``
+    (returning an uncompiled Functional model with logits) buildable by ``name`` (or any
+    of ``aliases``, case-insensitive) with :func:`build_float_model`. A name already
+    taken raises ``ValueError`` unless ``replace=True``.
+
+    >>> @register("tiny_mlp")
+    ... def tiny_mlp(input_shape=(28, 28, 1), num_classes=10):
+    ...     return mlp(input_shape, num_classes, hidden=(4,), name="tiny_mlp")
+    >>> build_float_model("tiny_mlp", (6,), 3).count_params()
+    43
+    >>> del FLOAT_MODELS["tiny_mlp"]  # (this example's builder is not kept)
+    """
+    return FLOAT_MODELS.register(name, aliases=aliases, replace=replace)
 
 
 def _check_common(input_shape, num_classes):
@@ -51,6 +72,7 @@ def _check_common(input_shape, num_classes):
     return shape, int(num_classes)
 
 
+@register("mlp")
 def mlp(input_shape: Sequence[int] = (28, 28, 1), num_classes: int = 10,
         hidden: Sequence[int] = (512, 512), name: str = "mlp") -> keras.Model:
     """A multilayer perceptron: ``Flatten -> [Dense(h, relu) for h in hidden] -> Dense(logits)``.
@@ -76,6 +98,7 @@ def mlp(input_shape: Sequence[int] = (28, 28, 1), num_classes: int = 10,
     return keras.Model(inputs, outputs, name=name)
 
 
+@register("cnn", aliases=("small_cnn",))
 def small_cnn(input_shape: Sequence[int] = (28, 28, 1), num_classes: int = 10,
               name: str = "small_cnn") -> keras.Model:
     """A small convolutional network for 28x28 (or larger) images.
@@ -157,6 +180,7 @@ def _check_mobilenet(shape, alpha, name):
     return float(alpha)
 
 
+@register("mobilenet_v1")
 def mobilenet_v1(input_shape: Sequence[int] = (32, 32, 3), num_classes: int = 10, alpha: float = 0.25,
                  name: str = "mobilenet_v1") -> keras.Model:
     """MobileNet (v1) of ``keras.applications`` with width multiplier ``alpha``,
@@ -173,6 +197,7 @@ def mobilenet_v1(input_shape: Sequence[int] = (32, 32, 3), num_classes: int = 10
     return keras.Model(base.inputs, base.outputs, name=name)
 
 
+@register("mobilenet_v2")
 def mobilenet_v2(input_shape: Sequence[int] = (32, 32, 3), num_classes: int = 10, alpha: float = 0.35,
                  name: str = "mobilenet_v2") -> keras.Model:
     """MobileNetV2 of ``keras.applications`` with width multiplier ``alpha``, untrained
@@ -211,39 +236,28 @@ def pad_images(x, size: int = 32, channels: int = 3):
     return out
 
 
-_BUILDERS: Dict[str, Callable[..., keras.Model]] = {
-    "mlp": mlp,
-    "cnn": small_cnn,
-    "mobilenet_v1": mobilenet_v1,
-    "mobilenet_v2": mobilenet_v2,
-}
-_ALIASES = {"small_cnn": "cnn"}
-
-#: Names accepted by :func:`build_model`.
-MODEL_NAMES: Tuple[str, ...] = tuple(_BUILDERS)
+#: Names of the package's own builders (``list(FLOAT_MODELS)`` adds any registered since).
+MODEL_NAMES: Tuple[str, ...] = tuple(FLOAT_MODELS)
 
 
-def build_model(name: str, input_shape: Sequence[int] = (28, 28, 1),
-                num_classes: int = 10, **kwargs) -> keras.Model:
-    """Build a model by name: ``"mlp"`` (:func:`mlp`), ``"cnn"`` (:func:`small_cnn`,
-    alias ``"small_cnn"``), ``"mobilenet_v1"`` or ``"mobilenet_v2"``. Extra keyword
-    arguments go to the builder (e.g. ``hidden=(256, 256)`` for ``"mlp"``,
-    ``alpha=0.5`` for the MobileNets).
+def build_float_model(name: str, input_shape: Sequence[int] = (28, 28, 1),
+                      num_classes: int = 10, **kwargs) -> keras.Model:
+    """Build a float model by name: ``"mlp"`` (:func:`mlp`), ``"cnn"`` (:func:`small_cnn`,
+    alias ``"small_cnn"``), ``"mobilenet_v1"``, ``"mobilenet_v2"`` or one added with
+    :func:`register`. Extra keyword arguments go to the builder (e.g.
+    ``hidden=(256, 256)`` for ``"mlp"``, ``alpha=0.5`` for the MobileNets).
 
     Raises:
         ValueError: an unknown name (the message lists the known ones).
 
-    >>> build_model("mlp", (8,), 3, hidden=(4,)).output_shape
+    >>> build_float_model("mlp", (8,), 3, hidden=(4,)).output_shape
     (None, 3)
-    >>> build_model("resnet")
+    >>> build_float_model("resnet")
     Traceback (most recent call last):
     ...
     ValueError: Unknown model 'resnet'. Known models: mlp, cnn, mobilenet_v1, mobilenet_v2.
     """
-    key = name.strip().lower() if isinstance(name, str) else name
-    key = _ALIASES.get(key, key)
-    if key not in _BUILDERS:
-        close = difflib.get_close_matches(str(name), list(_BUILDERS) + list(_ALIASES), n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"Unknown model {name!r}. Known models: {', '.join(MODEL_NAMES)}.{hint}")
-    return _BUILDERS[key](input_shape=input_shape, num_classes=num_classes, **kwargs)
+    return FLOAT_MODELS.lookup(name)(input_shape=input_shape, num_classes=num_classes, **kwargs)
+
+
+build_model = deprecated_alias("keras_coherence.models.build_model", build_float_model)

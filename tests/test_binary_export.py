@@ -106,7 +106,7 @@ def exported(request):
     model = _bnn(request.param)
     initial = [w.copy() for w in model.get_weights()]
     module = export_training.TrainingModule(model, learning_rate=LR)
-    return request.param, module, initial, export_training.to_tflite(module)
+    return request.param, module, initial, export_training.to_training_tflite(module)
 
 
 def test_training_model_is_builtin_only(exported):
@@ -194,10 +194,10 @@ def test_conv_backward_needs_a_fixed_batch():
     over the batch axis, which lowers to CONV_2D only with a fixed batch size."""
     model = _bnn("low_memory", dense_as_conv=True)
     with pytest.raises(ValueError, match=r"\['Conv2D'\].*fixed batch size"):
-        export_training.to_tflite(export_training.TrainingModule(model, learning_rate=LR))
+        export_training.to_training_tflite(export_training.TrainingModule(model, learning_rate=LR))
     module = export_training.TrainingModule(model, learning_rate=LR, batch_size=BATCH)
     initial = module.weights()
-    flatbuffer = export_training.to_tflite(module)
+    flatbuffer = export_training.to_training_tflite(module)
     assert "CONV_2D" in export_lce.tflite_ops(flatbuffer) and export_lce.non_builtin_ops(flatbuffer) == []
     x, y = _task(3 * BATCH)
     tf_losses = [float(module.train(x[i:i + BATCH], y[i:i + BATCH])["loss"]) for i in range(0, len(x), BATCH)]
@@ -229,8 +229,8 @@ def test_low_memory_cnv_with_max_pool_trains_in_litert():
     LiteRT follows Keras over a few fixed-size batches."""
     model = _tiny_cnv()
     initial = [w.copy() for w in model.get_weights()]
-    flatbuffer = export_training.to_tflite(export_training.TrainingModule(model, learning_rate=LR,
-                                                                          batch_size=BATCH))
+    flatbuffer = export_training.to_training_tflite(
+        export_training.TrainingModule(model, learning_rate=LR, batch_size=BATCH))
     ops = set(export_lce.tflite_ops(flatbuffer))
     assert export_lce.non_builtin_ops(flatbuffer) == []
     assert {"MAX_POOL_2D", "SPACE_TO_DEPTH", "DEPTH_TO_SPACE"} <= ops
@@ -347,8 +347,8 @@ def _dilated_net(seed=0, dropout=False):
 def test_dilated_add_gap_net_trains_in_litert_like_keras():
     model = _dilated_net()
     initial = [w.copy() for w in model.get_weights()]
-    flatbuffer = export_training.to_tflite(export_training.TrainingModule(model, learning_rate=LR,
-                                                                          batch_size=BATCH))
+    flatbuffer = export_training.to_training_tflite(
+        export_training.TrainingModule(model, learning_rate=LR, batch_size=BATCH))
     assert export_lce.non_builtin_ops(flatbuffer) == []
     x, y = _task(4 * BATCH, dim=9 * 9 * 2)
     reference = _dilated_net(seed=1)

@@ -57,7 +57,7 @@ def test_config_validation_and_methods():
     assert C.method_name(C.LowMemoryConfig(activation_grad="float32")) == "low_memory(custom)"
     assert cfg.po2_exponent_range == (-8, 7)
     with pytest.raises(ValueError, match="Unknown binary model"):
-        bm.build_model("alexnet")
+        bm.build_binary_model("alexnet")
     with pytest.raises(ValueError, match="Unknown training method"):
         bm.mlp(method="bogus")
 

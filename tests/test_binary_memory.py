@@ -207,7 +207,7 @@ def test_conv_model_parameter_counts_match_the_spec():
     for name, spec, per_bn in (("cnv", CNV_SPEC, 4), ("binarynet", BINARYNET_SPEC, 4)):
         expected = sum(e for _, k, _, _, e in spec if k == "binary") + \
             sum(per_bn * e for _, k, _, _, e in spec if k == "bn")
-        assert bm.build_model(name, "standard").count_params() == expected
+        assert bm.build_binary_model(name, "standard").count_params() == expected
 
 
 # ------------------------------------------------------------------ ResNetE-18: Add, pools
@@ -402,7 +402,7 @@ def exported(request):
 
     keras.utils.set_random_seed(0)
     model = _small_device_model(request.param)
-    flatbuffer = export_training.to_tflite(
+    flatbuffer = export_training.to_training_tflite(
         export_training.TrainingModule(model, batch_size=DEVICE_BATCH))
     return model, flatbuffer
 

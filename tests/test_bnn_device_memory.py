@@ -34,7 +34,7 @@ def files(tmp_path_factory):
     keras.utils.set_random_seed(3)
     model = models.mlp(input_shape=(64,), num_classes=4, hidden=(HIDDEN,), method="low_memory")
     path = root / "train.tflite"
-    path.write_bytes(export_training.to_tflite(export_training.TrainingModule(model, batch_size=BATCH)))
+    path.write_bytes(export_training.to_training_tflite(export_training.TrainingModule(model, batch_size=BATCH)))
     blockers = root / "blockers"
     for name in ("tensorflow", "tf_keras", "keras_coherence"):
         (blockers / name).mkdir(parents=True)

@@ -182,15 +182,15 @@ def test_model_builders():
     assert m.output_shape == (None, 3)
     assert [layer.name for layer in m.layers] == ["input", "flatten", "dense_1", "dense_2", "logits"]
     assert m.layers[-1].activation.__name__ == "linear"  # logits
-    cnn = models.build_model("cnn")
+    cnn = models.build_float_model("cnn")
     assert cnn.output_shape == (None, 10) and cnn.count_params() == 225034
     assert [type(layer).__name__ for layer in cnn.layers[1:]] == [
         "Conv2D", "MaxPooling2D", "Conv2D", "MaxPooling2D", "Flatten", "Dense", "Dense"]
-    assert models.build_model("MLP", (5,), 2, hidden=()).count_params() == 12
+    assert models.build_float_model("MLP", (5,), 2, hidden=()).count_params() == 12
 
 
 @pytest.mark.parametrize("call, fragment", [
-    (lambda: models.build_model("resnet"), "Known models: mlp, cnn"),
+    (lambda: models.build_float_model("resnet"), "Known models: mlp, cnn"),
     (lambda: models.mlp(num_classes=1), "num_classes"),
     (lambda: models.mlp(hidden=(0,)), "hidden"),
     (lambda: models.small_cnn(input_shape=(784,)), "(height, width, channels)"),

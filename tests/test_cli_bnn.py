@@ -18,7 +18,7 @@ from keras_coherence import cli, data
 from keras_coherence._keras import keras
 from keras_coherence.binary import export_lce, export_training
 from keras_coherence.binary.memory import COLUMNS
-from keras_coherence.binary.models import build_model
+from keras_coherence.binary.models import build_binary_model
 from keras_coherence.workflows import bnn as bnn_workflow
 
 pytestmark = pytest.mark.usefixtures("cache_in_tmp")
@@ -120,7 +120,7 @@ def test_bnn_accuracies_from_the_written_files(tiny_bnn):
     # ... and Keras's Adam state after its 4 steps (256 examples, batch 64), not fresh moments
     assert summary["device"]["adam_moments"] == "from Keras" and float(state["adam_step"]) == 4.0
     assert np.abs(state["adam_v_fc_1_kernel"]).max() > 0 and np.abs(state["adam_m_logits_kernel"]).max() > 0
-    fresh = build_model("mlp", "low_memory", input_shape=SHAPE, num_classes=CLASSES, hidden=(16,))
+    fresh = build_binary_model("mlp", "low_memory", input_shape=SHAPE, num_classes=CLASSES, hidden=(16,))
     export_training.set_keras_weights(fresh, state)
     fresh.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
     _, keras_acc = fresh.evaluate(x_test, y_test, batch_size=64, verbose=0)
@@ -177,12 +177,12 @@ def test_bnn_standard_bop_prints_and_exports_where_told(tmp_path, capsys):
     assert " ".join(f"{v:.4f}" for v in summary["device"]["losses"]) in printed
 
 
-def _failing_to_tflite(module):
+def _failing_to_training_tflite(module):
     raise ValueError("the training model needs non-builtin ops ['Conv2DBackpropFilter']")
 
 
 def test_training_export_failure_exits_2_with_one_line(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(export_training, "to_tflite", _failing_to_tflite)
+    monkeypatch.setattr(export_training, "to_training_tflite", _failing_to_training_tflite)
     out = tmp_path / "bnn"
     out.mkdir()
     (out / "summary.json").write_text('{"previous": true}')
@@ -198,7 +198,7 @@ def test_training_export_failure_exits_2_with_one_line(tmp_path, monkeypatch, ca
 
 
 def test_no_device_export_skips_the_stage(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(export_training, "to_tflite", _failing_to_tflite)  # never reached
+    monkeypatch.setattr(export_training, "to_training_tflite", _failing_to_training_tflite)  # never reached
     code = cli.main(["bnn", *TINY, "--hidden", "8", "--max-train", "128", "--no-device-export",
                      "--out", str(tmp_path)])
     assert code == 0
@@ -212,7 +212,7 @@ def test_no_device_export_skips_the_stage(tmp_path, monkeypatch, capsys):
 
 
 def _tiny_adam_model():
-    model = build_model("mlp", "low_memory", input_shape=(4, 4, 1), num_classes=3, hidden=(6,))
+    model = build_binary_model("mlp", "low_memory", input_shape=(4, 4, 1), num_classes=3, hidden=(6,))
     return model, export_training.TrainingModule(model)
 
 

@@ -164,14 +164,14 @@ def test_quantize_help(capsys):
 
 @pytest.mark.parametrize("name, params", [("mobilenet_v1", 221114), ("mobilenet_v2", 423018)])
 def test_mobilenet_builders(name, params):
-    model = models.build_model(name, (32, 32, 3), 10)
+    model = models.build_float_model(name, (32, 32, 3), 10)
     assert model.name == name and model.output_shape == (None, 10) and model.count_params() == params
     assert model.layers[-1].activation.__name__ == "linear"  # logits
-    assert models.build_model(name, (32, 32, 1), 3, alpha=0.25).output_shape == (None, 3)
+    assert models.build_float_model(name, (32, 32, 1), 3, alpha=0.25).output_shape == (None, 3)
     with pytest.raises(ValueError, match="at least 32x32.*pad_images"):
-        models.build_model(name, (28, 28, 1), 10)
+        models.build_float_model(name, (28, 28, 1), 10)
     with pytest.raises(ValueError, match="alpha"):
-        models.build_model(name, (32, 32, 3), 10, alpha=0)
+        models.build_float_model(name, (32, 32, 3), 10, alpha=0)
 
 
 def test_pad_images():

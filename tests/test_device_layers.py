@@ -273,7 +273,7 @@ def exported():
         if name not in cache:
             keras.utils.set_random_seed(1)
             model = EXPORTS[name]()
-            flatbuffer = export_training.to_tflite(
+            flatbuffer = export_training.to_training_tflite(
                 export_training.TrainingModule(model, learning_rate=LR, batch_size=BATCH))
             cache[name] = (model, flatbuffer, export_lce.tflite_ops(flatbuffer))
         return cache[name]

@@ -148,7 +148,7 @@ def _run(name):
             var.assign(rng.choice([-1.0, 1.0], shape) * rng.uniform(*LATENT, shape))
     module = export_training.TrainingModule(model, learning_rate=LR, beta_1=BETA_1, beta_2=BETA_2,
                                             epsilon=EPSILON, batch_size=cfg["batch"])
-    flatbuffer = export_training.to_tflite(module)
+    flatbuffer = export_training.to_training_tflite(module)
     interp = _interpreter(flatbuffer)
     names = list(export_training.keras_state(model))
     initial = {k: v for k, v in _device_state(interp).items() if k in names}

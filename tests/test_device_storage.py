@@ -106,7 +106,7 @@ def test_scratch_budget_validation():
 def _saved(method, batch=32):
     keras.utils.set_random_seed(0)
     model = mlp(hidden=(64, 48), method=method)
-    flatbuffer = export_training.to_tflite(export_training.TrainingModule(model, batch_size=batch))
+    flatbuffer = export_training.to_training_tflite(export_training.TrainingModule(model, batch_size=batch))
     tensors, _ = bdm.tensor_breakdown(flatbuffer)
     return [t for t in tensors if t["kind"] == "saved_for_backward"]
 

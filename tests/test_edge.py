@@ -34,7 +34,7 @@ def files(tmp_path_factory):
     keras.utils.set_random_seed(1)
     bnn = models.mlp(input_shape=(12,), num_classes=3, hidden=(16,), method="low_memory")
     model = root / "model.tflite"
-    model.write_bytes(export_training.to_tflite(export_training.TrainingModule(bnn, learning_rate=1e-2)))
+    model.write_bytes(export_training.to_training_tflite(export_training.TrainingModule(bnn, learning_rate=1e-2)))
     x, y = _task(146)
     np.savez(root / "train.npz", x=x[:96], y=y[:96])
     np.savez(root / "test.npz", x=x[96:], y=y[96:])
@@ -120,7 +120,7 @@ def test_fixed_batch_model_names_its_batch_size(files, tmp_path):
     keras.utils.set_random_seed(2)
     bnn = models.mlp(input_shape=(12,), num_classes=3, hidden=(8,), method="low_memory")
     fixed = tmp_path / "fixed.tflite"
-    fixed.write_bytes(export_training.to_tflite(export_training.TrainingModule(bnn, batch_size=8)))
+    fixed.write_bytes(export_training.to_training_tflite(export_training.TrainingModule(bnn, batch_size=8)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(blockers), REPO]))
     proc = subprocess.run([sys.executable, "-m", "edge", "train", str(fixed), "--data", str(root / "train.npz"),
                            "--batch-size", "16"], env=env, cwd=REPO, capture_output=True, text=True, timeout=60)

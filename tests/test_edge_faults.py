@@ -30,7 +30,7 @@ N_TRAIN = 96
 def _export(path, hidden):
     keras.utils.set_random_seed(1)
     bnn = models.mlp(input_shape=(12,), num_classes=3, hidden=(hidden,), method="low_memory")
-    path.write_bytes(export_training.to_tflite(export_training.TrainingModule(bnn, learning_rate=1e-2)))
+    path.write_bytes(export_training.to_training_tflite(export_training.TrainingModule(bnn, learning_rate=1e-2)))
     return path
 
 

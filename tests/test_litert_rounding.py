@@ -11,7 +11,7 @@ import pytest
 import keras_coherence  # noqa: F401  (Keras 2 policy first)
 from keras_coherence._keras import keras, tf
 from keras_coherence.quantization import quantize_model
-from keras_coherence.quantization.export import run_tflite, tflite_output_step, to_tflite
+from keras_coherence.quantization.export import run_tflite, tflite_output_step, to_integer_tflite
 from keras_coherence.quantization.litert import _requantize_tf, litert_rounding, quantize_multiplier, requantize
 
 
@@ -111,7 +111,7 @@ def mixed_qat(request):
     model = quantize_model(build(request.param), bits=4, method="msqe_baseline", calibration_data=x)
     model.compile("sgd", "mse")
     model.fit(x, rng.normal(size=(96, 5)).astype(np.float32), batch_size=16, verbose=0)
-    return model, to_tflite(model), x, emulated
+    return model, to_integer_tflite(model), x, emulated
 
 
 @pytest.mark.parametrize("kernels", ["optimized", "reference"])
@@ -170,7 +170,7 @@ def every_method():
             keras.utils.set_random_seed(bits)
             model = quantize_model(_mixed_net("pool"), bits=bits, method=method, calibration_data=x)
             model(x, training=True)
-            out[method, bits] = model, to_tflite(model)
+            out[method, bits] = model, to_integer_tflite(model)
     return out, x
 
 

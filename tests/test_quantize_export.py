@@ -22,7 +22,7 @@ from keras_coherence.quantization import (
     fold_batchnorm,
     integer_weights,
     quantize_model,
-    to_tflite,
+    to_integer_tflite,
 )
 from keras_coherence.quantization import export as q_export
 from keras_coherence.quantization import qat as q_qat
@@ -119,7 +119,7 @@ PIPELINES = [("msqe", 3, {"outlier_mask": False}), ("learned", 4, None), ("msqe_
 def exported(request):
     method, bits, options = request.param
     model, history = _qat(method, bits, options=options)
-    tflite_model = to_tflite(model)
+    tflite_model = to_integer_tflite(model)
     return model, tflite_model, bits, history
 
 
@@ -223,7 +223,7 @@ def test_quantize_model_configs_and_training(exported):
         # the conv outputs feed fused ReLUs: only the ReLU (and the dense) quantize
         assert config.quantize_activation == (k.name == "dense")
         assert float(k.state["initialized"].numpy()) == 1.0
-        assert float(k.state["frozen"].numpy()) == 1.0  # to_tflite froze it
+        assert float(k.state["frozen"].numpy()) == 1.0  # to_integer_tflite froze it
         assert k.state["exponent"].shape[-1] == (1 if k.name == "dense" else 8)
 
 
@@ -300,10 +300,10 @@ def test_unfolded_batchnorm_raises_unless_float_scales_are_allowed():
     assert not any(isinstance(getattr(w, "layer", None), (FoldedConv2D, FoldedDepthwiseConv2D))
                    for w in model.layers)
     # The converter folds the remaining BNs into the conv weights (scale * gamma / sigma):
-    # to_tflite reads the file back and names the two tensors, the dense one is fine.
+    # to_integer_tflite reads the file back and names the two tensors, the dense one is fine.
     with pytest.raises(ValueError, match="power-of-two scales") as caught:
-        to_tflite(model)
-    kernels = q_export.tflite_kernels(to_tflite(model, allow_float_scales=True))
+        to_integer_tflite(model)
+    kernels = q_export.tflite_kernels(to_integer_tflite(model, allow_float_scales=True))
     by_op = {k["op"]: k for k in kernels}
     message = str(caught.value)
     assert f"{by_op['conv2d']['name']} (conv2d: 8 of 8 scales not powers of two" in message
@@ -425,7 +425,7 @@ def test_loading_without_the_custom_objects_fails_clearly(tmp_path):
     # SavedModel: Keras revives generic layers; the exporters say what happened.
     qmodel.save(str(tmp_path / "sm"))
     revived = keras.models.load_model(str(tmp_path / "sm"))
-    for export in (to_tflite, integer_weights):
+    for export in (to_integer_tflite, integer_weights):
         with pytest.raises(ValueError, match=r"'tiny' was loaded from a SavedModel .*quantize_layer(_\d+)?, quant_d.*"
                                              r"keras_coherence.quantization.load_model"):
             export(revived)
@@ -485,7 +485,7 @@ def test_unsupported_layers_raise_or_stay_float():
     assert [k.name for k in q_qat.quantized_kernels(qmodel)] == ["d1", "d2"]
     qmodel(np.ones((4, 6), np.float32), training=True)
     with pytest.raises(ValueError, match="still computes in float"):
-        to_tflite(qmodel)  # never a silently half-float file
+        to_integer_tflite(qmodel)  # never a silently half-float file
 
 
 def test_nested_and_subclassed_models_are_rejected():
@@ -551,12 +551,12 @@ def test_nan_or_inf_weights_and_calibration_data_raise():
     qmodel = quantize_model(model, calibration_data=x)
     qmodel(x, training=True)
     with pytest.raises(ValueError, match="representative_data contains NaN or Inf"):
-        to_tflite(qmodel, representative_data=bad_x)
+        to_integer_tflite(qmodel, representative_data=bad_x)
     # A diverged QAT run: a NaN kernel is named before anything is frozen or converted.
     kernel = next(k.weight for k in q_qat.quantized_kernels(qmodel) if k.name == "d2")
     kernel.assign(tf.fill(kernel.shape, np.inf))
-    with pytest.raises(ValueError, match=r"to_tflite: d2/kernel:0 contain NaN or Inf"):
-        to_tflite(qmodel)
+    with pytest.raises(ValueError, match=r"to_integer_tflite: d2/kernel:0 contain NaN or Inf"):
+        to_integer_tflite(qmodel)
     # The quantizers themselves refuse NaN / Inf in training (check_numerics).
     with pytest.raises(tf.errors.InvalidArgumentError, match="contains NaN or Inf"):
         qmodel(x, training=True)
@@ -570,7 +570,7 @@ def test_negative_folded_variance_raises_in_to_tflite():
     variance[2] = -1.0  # variance + eps < 0: the fold factor rsqrt is NaN
     conv.moving_variance.assign(variance)
     with pytest.raises(ValueError, match=r"conv \(folded kernel\) contain NaN or Inf"):
-        to_tflite(qmodel)
+        to_integer_tflite(qmodel)
 
 
 def test_argument_checks():
@@ -581,7 +581,7 @@ def test_argument_checks():
         quantize_model(model, method="nope")
     qmodel = quantize_model(model, bits=4, activation_bits=4)
     with pytest.raises(ValueError, match="8-bit activations"):
-        to_tflite(qmodel)
+        to_integer_tflite(qmodel)
     with pytest.raises(ValueError, match="no PO2 kernel quantizers"):
         integer_weights(model)
 
@@ -599,7 +599,7 @@ def test_mobilenet_v2_quantize_train_export():
     # one training-mode call picks every exponent (QAT steps are checked on small nets;
     # a graph-mode MobileNetV2 step first traces ~90k ops, about a minute)
     model(x, training=True)
-    tflite_model = to_tflite(model)
+    tflite_model = to_integer_tflite(model)
     tfl = q_export.tflite_kernels(tflite_model)
     assert len(tfl) == 53
     assert all(_is_po2(k["scales"]) and np.all(k["zero_points"] == 0) for k in tfl)

@@ -12,7 +12,7 @@
 * :mod:`~keras_coherence.binary.training` -- ``train_bnn``: one call for a CLI.
 * :mod:`~keras_coherence.binary.export_lce` -- LCE inference export (``to_lce``, ``compare``).
 * :mod:`~keras_coherence.binary.export_training` -- builtin-only on-device training model
-  (``TrainingModule``, ``to_tflite``).
+  (``TrainingModule``, ``to_training_tflite``).
 
 Names are imported lazily (larq is only imported when a standard model is built).
 """
@@ -25,13 +25,15 @@ _EXPORTS = {
     "LowMemoryMaxPooling2D": "layers", "DeviceBatchNormalization": "layers",
     "DeviceConv2D": "layers", "DeviceReLU": "layers", "DeviceMaxPooling2D": "layers",
     "DeviceAveragePooling2D": "layers",
-    "build_model": "models", "MODEL_NAMES": "models",
+    "build_binary_model": "models", "BINARY_MODELS": "models", "MODEL_NAMES": "models",
     "memory_profile": "memory", "MemoryProfile": "memory", "MemoryRow": "memory",
     "train_bnn": "training", "make_optimizer": "training",
     "to_lce": "export_lce", "larq_inference_model": "export_lce",
-    "TrainingModule": "export_training", "to_tflite": "export_training",
+    "TrainingModule": "export_training", "to_training_tflite": "export_training",
     "set_keras_weights": "export_training",
 }
+# Deprecated aliases (removed in 0.2.0): attribute access works, ``__all__`` leaves them out.
+_DEPRECATED = {"build_model": "models", "to_tflite": "export_training"}
 _SUBMODULES = ("config", "ops", "real_ops", "layers", "models", "memory", "training", "export_lce",
                "export_training")
 
@@ -41,6 +43,8 @@ __all__ = sorted(_EXPORTS) + list(_SUBMODULES)
 def __getattr__(name):
     if name in _SUBMODULES:
         return importlib.import_module(f"{__name__}.{name}")
+    if name in _DEPRECATED:
+        return getattr(importlib.import_module(f"{__name__}.{_DEPRECATED[name]}"), name)
     if name in _EXPORTS:
         module = importlib.import_module(f"{__name__}.{_EXPORTS[name]}")
         value = getattr(module, name)

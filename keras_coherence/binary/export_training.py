@@ -25,7 +25,7 @@ State names are the Keras variable names with ``/`` and ``:`` replaced
 :func:`keras_coherence.binary.export_lce.to_lce` turns that model into an LCE
 inference file.
 
-``to_tflite(module)`` saves the module as a SavedModel with those signatures and
+``to_training_tflite(module)`` saves the module as a SavedModel with those signatures and
 converts it with ``TFLITE_BUILTINS`` only and resource variables enabled; when the
 converter or the result needs a non-builtin op, ``ValueError`` names it.
 """
@@ -36,12 +36,13 @@ import types
 
 import numpy as np
 
+from keras_coherence._deprecation import deprecated_alias
 from keras_coherence._keras import tf
 from keras_coherence._tflite import variables_root
 from keras_coherence.binary import ops
 from keras_coherence.binary.export_lce import non_builtin_ops
 
-__all__ = ["TrainingModule", "to_tflite", "state_name", "keras_state", "set_keras_weights",
+__all__ = ["TrainingModule", "to_training_tflite", "state_name", "keras_state", "set_keras_weights",
            "softmax_cross_entropy", "check_trainable_on_device", "SUPPORTED_LAYERS"]
 
 SIGNATURES = ("train", "infer", "get_weights", "set_weights")
@@ -171,7 +172,7 @@ class TrainingModule(tf.Module):
     Args:
         model: a single-input Keras model producing logits, whose backward passes lower
             to builtins: only the layers of :data:`SUPPORTED_LAYERS` (others raise
-            ``ValueError`` naming them; ``to_tflite`` reports any op that still does not).
+            ``ValueError`` naming them; ``to_training_tflite`` reports any op that still does not).
         learning_rate, beta_1, beta_2, epsilon: Adam's.
         clip_binary_kernels: clip kernels marked ``precision == 1`` to [-1, 1] after
             each update (larq's ``weight_clip``); off by default, as in ``train_bnn``.
@@ -279,7 +280,7 @@ class TrainingModule(tf.Module):
 _UNSUPPORTED = re.compile(r"'tf\.(\w+)' op is neither a custom op nor a flex op")
 
 
-def to_tflite(module):
+def to_training_tflite(module):
     """Builtin-only TFLite flatbuffer (``bytes``) with the module's four signatures.
 
     Raises:
@@ -310,3 +311,6 @@ def to_tflite(module):
     if extra:
         raise ValueError(f"the training model needs non-builtin ops {extra}; LiteRT cannot run them")
     return flatbuffer
+
+
+to_tflite = deprecated_alias("keras_coherence.binary.export_training.to_tflite", to_training_tflite)

@@ -643,10 +643,10 @@ def memory_profile(model_or_name, batch_size: int = 100, method=None,
         if method is not None:
             _check_method(model, resolve_method(method), config)
     else:
-        from keras_coherence.binary.models import build_model
+        from keras_coherence.binary.models import build_binary_model
         method = "standard" if method is None else method
         config = resolve_method(method)
-        model = build_model(model_or_name, method, **build_kwargs)
+        model = build_binary_model(model_or_name, method, **build_kwargs)
     if layout == "device":
         if config is None:
             raise ValueError(

@@ -33,7 +33,8 @@ Compute Engine turns into ``LceBconv2d``.
 * :func:`cnv` -- FINN's CNV (CIFAR-10 / SVHN, 32x32x3).
 * :func:`binarynet` -- BinaryNet (CIFAR-10 / SVHN).
 * :func:`resnet_e18` -- ResNetE-18 (ImageNet).
-* :func:`build_model` -- one of them by name (``MODEL_NAMES``).
+* :func:`build_binary_model` -- one of them by name, from the :data:`BINARY_MODELS`
+  registry; :func:`register` adds a builder of your own to it.
 
 >>> model = mlp(method="low_memory")
 >>> model.count_params(), model.output_shape
@@ -41,17 +42,41 @@ Compute Engine turns into ``LceBconv2d``.
 """
 from __future__ import annotations
 
-import difflib
+import inspect
 import numbers
 from typing import Sequence
 
+from keras_coherence._deprecation import deprecated_alias
 from keras_coherence._keras import keras
+from keras_coherence._registry import Registry, lowercase_name
 from keras_coherence.binary import layers as bl
 from keras_coherence.binary.config import resolve_method
 from keras_coherence.models import _check_common
 
-__all__ = ["MODEL_NAMES", "build_model", "mlp", "cnv", "binarynet", "resnet_e18",
-           "default_input_shape"]
+__all__ = ["BINARY_MODELS", "MODEL_NAMES", "build_binary_model", "mlp", "cnv", "binarynet",
+           "resnet_e18", "default_input_shape", "register"]
+
+#: The binary model builders by name: :func:`register` adds to it, :func:`build_binary_model` reads it.
+BINARY_MODELS = Registry("binary model", normalize=lowercase_name)
+
+
+def register(name: str, *, aliases: Sequence[str] = (), replace: bool = False):
+    """Decorator: make a binary model builder buildable by ``name`` (or any of
+    ``aliases``, case-insensitive) with :func:`build_binary_model`. The builder takes
+    ``input_shape``, ``num_classes`` and ``method`` keywords; the defaults of the first
+    two are its dataset's (:func:`default_input_shape` reads them). A name already taken
+    raises ``ValueError`` unless ``replace=True``."""
+
+    def decorate(builder):
+        parameters = inspect.signature(builder).parameters
+        with_defaults = all(p in parameters and parameters[p].default is not inspect.Parameter.empty
+                            for p in ("input_shape", "num_classes"))
+        if not with_defaults or "method" not in parameters:
+            raise TypeError(f"The binary model builder {builder.__name__} needs the keyword arguments "
+                            "input_shape and num_classes, with its dataset's values as defaults, and method.")
+        return BINARY_MODELS.add(builder, name, aliases=aliases, replace=replace)
+
+    return decorate
 
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-4
@@ -175,6 +200,7 @@ def _dense_head(b, h, widths, num_classes, first_index):
     return b.unflatten(h)
 
 
+@register("mlp")
 def mlp(input_shape: Sequence[int] = (28, 28, 1), num_classes: int = 10,
         method="standard", hidden: Sequence[int] = (256, 256, 256, 256),
         dense_as_conv: bool = False, name: str = "bnn_mlp") -> keras.Model:
@@ -219,6 +245,7 @@ def _vgg_like(builder, input_shape, num_classes, method, filters, fc, dense_as_c
     return keras.Model(inputs, outputs, name=name)
 
 
+@register("cnv")
 def cnv(input_shape: Sequence[int] = (32, 32, 3), num_classes: int = 10, method="standard",
         filters: Sequence[int] = (64, 64, 128, 128, 256, 256), fc: Sequence[int] = (512, 512),
         dense_as_conv: bool = False, name: str = "cnv") -> keras.Model:
@@ -229,6 +256,7 @@ def cnv(input_shape: Sequence[int] = (32, 32, 3), num_classes: int = 10, method=
                      name, "valid", 32, pool_before_bn=False)  # 32 -> 5x5 after pool_4 -> 1x1
 
 
+@register("binarynet", aliases=("binary_net",))
 def binarynet(input_shape: Sequence[int] = (32, 32, 3), num_classes: int = 10,
               method="standard", filters: Sequence[int] = (128, 128, 256, 256, 512, 512),
               fc: Sequence[int] = (1024, 1024), dense_as_conv: bool = False,
@@ -240,6 +268,7 @@ def binarynet(input_shape: Sequence[int] = (32, 32, 3), num_classes: int = 10,
                      dense_as_conv, name, "same", 8, pool_before_bn=True)
 
 
+@register("resnet_e18", aliases=("resnete18", "resnet-e18", "resnete-18"))
 def resnet_e18(input_shape: Sequence[int] = (224, 224, 3), num_classes: int = 1000,
                method="standard", width: int = 64, name: str = "resnet_e18",
                units_per_stage: Sequence[int] = (4, 4, 4, 4)) -> keras.Model:
@@ -291,45 +320,37 @@ def resnet_e18(input_shape: Sequence[int] = (224, 224, 3), num_classes: int = 10
     return keras.Model(inputs, outputs, name=name)
 
 
-_BUILDERS = {"mlp": mlp, "cnv": cnv, "binarynet": binarynet, "resnet_e18": resnet_e18}
-_ALIASES = {"resnete18": "resnet_e18", "resnet-e18": "resnet_e18", "resnete-18": "resnet_e18",
-            "binary_net": "binarynet"}
-_DEFAULT_SHAPES = {"mlp": ((28, 28, 1), 10), "cnv": ((32, 32, 3), 10),
-                   "binarynet": ((32, 32, 3), 10), "resnet_e18": ((224, 224, 3), 1000)}
-
-#: Names accepted by :func:`build_model`.
-MODEL_NAMES = tuple(_BUILDERS)
-
-
-def _key(name):
-    key = name.strip().lower() if isinstance(name, str) else name
-    key = _ALIASES.get(key, key)
-    if key not in _BUILDERS:
-        close = difflib.get_close_matches(str(name), list(_BUILDERS) + list(_ALIASES), n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(
-            f"Unknown binary model {name!r}. Known models: {', '.join(MODEL_NAMES)}.{hint}")
-    return key
+#: Names of the package's own builders (``list(BINARY_MODELS)`` adds any registered since).
+MODEL_NAMES = tuple(BINARY_MODELS)
 
 
 def default_input_shape(name: str):
-    """``(input_shape, num_classes)`` of the paper's dataset for a model name."""
-    return _DEFAULT_SHAPES[_key(name)]
+    """``(input_shape, num_classes)`` of the paper's dataset for a model name: the
+    defaults of its builder.
+
+    >>> default_input_shape("ResNetE18")
+    ((224, 224, 3), 1000)
+    """
+    parameters = inspect.signature(BINARY_MODELS.lookup(name)).parameters
+    return parameters["input_shape"].default, parameters["num_classes"].default
 
 
-def build_model(name: str, method="standard", input_shape=None, num_classes=None,
-                **kwargs) -> keras.Model:
-    """Build a binary model by name (``MODEL_NAMES``), with the paper's input shape and
-    class count unless given.
+def build_binary_model(name: str, method="standard", input_shape=None, num_classes=None,
+                       **kwargs) -> keras.Model:
+    """Build a binary model by name (:data:`BINARY_MODELS`), with the paper's input shape
+    and class count unless given.
 
-    >>> build_model("cnv", "low_memory").count_params()
+    >>> build_binary_model("cnv", "low_memory").count_params()
     1548638
-    >>> build_model("alexnet")
+    >>> build_binary_model("alexnet")
     Traceback (most recent call last):
     ...
-    ValueError: Unknown binary model 'alexnet'. Known models: mlp, cnv, binarynet, resnet_e18.
+    ValueError: Unknown binary model 'alexnet'. Known binary models: mlp, cnv, binarynet, resnet_e18.
     """
-    key = _key(name)
-    default_shape, default_classes = _DEFAULT_SHAPES[key]
-    return _BUILDERS[key](input_shape=input_shape or default_shape,
-                          num_classes=num_classes or default_classes, method=method, **kwargs)
+    builder = BINARY_MODELS.lookup(name)
+    default_shape, default_classes = default_input_shape(name)
+    return builder(input_shape=input_shape or default_shape, num_classes=num_classes or default_classes,
+                   method=method, **kwargs)
+
+
+build_model = deprecated_alias("keras_coherence.binary.models.build_model", build_binary_model)

@@ -15,7 +15,7 @@ import numpy as np
 
 from keras_coherence._keras import keras, tf
 from keras_coherence.binary.config import method_name, resolve_method
-from keras_coherence.binary.models import build_model
+from keras_coherence.binary.models import build_binary_model
 
 __all__ = ["make_optimizer", "OPTIMIZERS", "optimizer_slots", "train_bnn", "TrainResult",
            "scale_inputs"]
@@ -113,8 +113,8 @@ def train_bnn(model_name: str = "mlp", method="low_memory", epochs: int = 10,
     x, x_test = scale_inputs(x), scale_inputs(x_test)
     num_classes = int(max(y.max(), y_test.max())) + 1
     tf.keras.utils.set_random_seed(seed)
-    model = build_model(model_name, config if config is not None else "standard",
-                        input_shape=x.shape[1:], num_classes=num_classes, **model_kwargs)
+    model = build_binary_model(model_name, config if config is not None else "standard",
+                               input_shape=x.shape[1:], num_classes=num_classes, **model_kwargs)
     model.compile(make_optimizer(optimizer, learning_rate),
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"])

@@ -12,7 +12,7 @@ imported on first use):
   fold_batchnorm=True, activation_bits=8)``: a tfmot QAT model with PO2 weight
   quantizers (``PO2QuantizeConfig`` / ``PO2KernelQuantizer``) and BN folded into
   the convolutions (``fold_batchnorm``, ``FoldedConv2D``, ``FoldedDepthwiseConv2D``);
-* ``to_tflite(model)``: integer TFLite bytes whose weight scales are exact powers of
+* ``to_integer_tflite(model)``: integer TFLite bytes whose weight scales are exact powers of
   two with zero point 0 (read back and checked; ``allow_float_scales=True`` opts
   out); ``integer_weights(model)``: the same integers and exponents per layer
   (``IntegerKernel``); ``freeze_quantizers``, ``tflite_kernels``, ``run_tflite``;
@@ -63,7 +63,7 @@ __all__ = [
     "PO2KernelQuantizer",
     "freeze_quantizers",
     "unfreeze_quantizers",
-    "to_tflite",
+    "to_integer_tflite",
     "integer_weights",
     "IntegerKernel",
     "tflite_kernels",
@@ -86,7 +86,8 @@ _LAZY = {
     "PO2KernelQuantizer": "qat",
     "freeze_quantizers": "qat",
     "unfreeze_quantizers": "qat",
-    "to_tflite": "export",
+    "to_integer_tflite": "export",
+    "to_tflite": "export",  # deprecated alias of to_integer_tflite
     "integer_weights": "export",
     "IntegerKernel": "export",
     "tflite_kernels": "export",

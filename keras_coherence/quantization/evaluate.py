@@ -9,7 +9,7 @@ command and ``benchmarks/quantization_methods.py`` both run for each method:
 2. ``qat_epochs`` of training with a ``ScaleMonitor`` (PO2 methods) and, with
    ``stable_switch_epoch``, the stable exponents switched on after that epoch
    (``switch_to_stable_exponents``);
-3. integer TFLite export (``to_tflite``) and the test accuracy of the float, the
+3. integer TFLite export (``to_integer_tflite``) and the test accuracy of the float, the
    quantized Keras and the TFLite model, their top-1 agreement, the median QAT step
    time and the exported scales' report (``tflite_scale_report``).
 """
@@ -130,7 +130,7 @@ def qat_evaluate(float_model, train, test, method: str = "msqe", bits: int = 4, 
         None), ``step_ms`` (median QAT batch time) and ``seconds`` (qat, export).
     """
     from keras_coherence.quantization import ScaleMonitor, quantize_model
-    from keras_coherence.quantization.export import run_tflite, tflite_output_step, to_tflite
+    from keras_coherence.quantization.export import run_tflite, tflite_output_step, to_integer_tflite
 
     (x_train, y_train), (x_test, y_test) = train, test
     tfmot8 = method == "tfmot8"
@@ -159,8 +159,8 @@ def qat_evaluate(float_model, train, test, method: str = "msqe", bits: int = 4, 
     qat_seconds = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    # to_tflite freezes the quantizers: afterwards Keras inference is the exported model.
-    tflite_model = _tfmot8_tflite(qmodel) if tfmot8 else to_tflite(qmodel)
+    # to_integer_tflite freezes the quantizers: afterwards Keras inference is the exported model.
+    tflite_model = _tfmot8_tflite(qmodel) if tfmot8 else to_integer_tflite(qmodel)
     export_seconds = time.perf_counter() - t0
     float_pred = float_model.predict(x_test, batch_size=1024, verbose=0).argmax(1)
     keras_logits = qmodel.predict(x_test, batch_size=1024, verbose=0)

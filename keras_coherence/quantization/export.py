@@ -1,6 +1,6 @@
 """Integer export of PO2 QAT models (``quantize_model``): TFLite and raw integer weights.
 
-* ``to_tflite(model)`` freezes the PO2 quantizers and converts the QAT model into a
+* ``to_integer_tflite(model)`` freezes the PO2 quantizers and converts the QAT model into a
   fully integer TFLite flatbuffer (int8 kernels; float input/output with
   QUANTIZE/DEQUANTIZE at the edges). Every PO2-quantized weight tensor then has a
   power-of-two scale per channel (Conv2D, DepthwiseConv2D) or per tensor (Dense),
@@ -16,11 +16,13 @@ import dataclasses
 
 import numpy as np
 
+from keras_coherence._deprecation import deprecated_alias
 from keras_coherence._keras import tf
 from keras_coherence._tflite import inference_function, tflite_operators, variables_root
 from keras_coherence.quantization import qat
 
-__all__ = ["IntegerKernel", "integer_weights", "to_tflite", "tflite_kernels", "tflite_operators", "tflite_output_step",
+__all__ = ["IntegerKernel", "integer_weights", "to_integer_tflite",
+           "tflite_kernels", "tflite_operators", "tflite_output_step",
            "run_tflite", "litert_interpreter"]
 
 _KINDS = {"dense": "dense", "conv": "conv2d", "depthwise": "depthwise_conv2d"}
@@ -104,7 +106,7 @@ def _revived(layer):
 def integer_weights(model):
     """``{layer name: IntegerKernel}`` for every PO2-quantized kernel of a QAT model.
 
-    Freezes the quantizers first (``freeze_quantizers``, as ``to_tflite`` does), so
+    Freezes the quantizers first (``freeze_quantizers``, as ``to_integer_tflite`` does), so
     the integers are exactly the ones the exported model and the Keras inference
     graph use.
     """
@@ -135,13 +137,13 @@ def _representative(data, rank):
         return data
     if isinstance(data, (np.ndarray, list, tuple)) and not all(np.all(np.isfinite(np.asarray(x, np.float32)))
                                                                for x in data):
-        raise ValueError("to_tflite: representative_data contains NaN or Inf; calibrate with finite samples")
+        raise ValueError("to_integer_tflite: representative_data contains NaN or Inf; calibrate with finite samples")
 
     def gen():
         for x in data:
             x = np.asarray(x, np.float32)
             if not np.all(np.isfinite(x)):
-                raise ValueError("to_tflite: representative_data contains NaN or Inf; calibrate with finite "
+                raise ValueError("to_integer_tflite: representative_data contains NaN or Inf; calibrate with finite "
                                  "samples (the converter would otherwise derive the ranges from them)")
             if x.ndim == rank - 1:
                 x = x[None]
@@ -151,7 +153,7 @@ def _representative(data, rank):
     return gen
 
 
-def to_tflite(model, representative_data=None, allow_float_scales=False):
+def to_integer_tflite(model, representative_data=None, allow_float_scales=False):
     """Integer TFLite flatbuffer (bytes) of a ``quantize_model`` QAT model.
 
     Freezes the PO2 quantizers (the exponents of the last training step, or a
@@ -186,7 +188,7 @@ def to_tflite(model, representative_data=None, allow_float_scales=False):
         bits = getattr(wrapper.quantize_config, "activation_bits", 8)
         if bits != 8:
             raise ValueError(
-                f"to_tflite needs 8-bit activations (TFLite int8 kernels; the converter ignores a fake-quant's "
+                f"to_integer_tflite needs 8-bit activations (TFLite int8 kernels; the converter ignores a fake-quant's "
                 f"num_bits), but {wrapper.layer.name} quantizes its activation to {bits} bits"
             )
     _check_finite_weights(model, kernels)
@@ -198,6 +200,9 @@ def to_tflite(model, representative_data=None, allow_float_scales=False):
     return tflite_model
 
 
+to_tflite = deprecated_alias("keras_coherence.quantization.to_tflite", to_integer_tflite)
+
+
 def _check_finite_weights(model, kernels):
     """Raises ``ValueError`` naming the variables (and folded kernels) holding NaN or Inf."""
     bad = qat.nonfinite_variables(model)
@@ -205,7 +210,7 @@ def _check_finite_weights(model, kernels):
             if k.quantizer.folded and not np.all(np.isfinite(k.view().numpy()))]
     if bad:
         raise ValueError(
-            "to_tflite: " + ", ".join(bad) + " contain NaN or Inf (a diverged training run, or a "
+            "to_integer_tflite: " + ", ".join(bad) + " contain NaN or Inf (a diverged training run, or a "
             "BatchNormalization moving variance + epsilon <= 0); restore finite weights before exporting"
         )
 
@@ -235,7 +240,7 @@ def _check_po2_scales(tflite_model):
             bad.append(f"{k['name']} ({k['op']}: {', '.join(problems)})")
     if bad:
         raise ValueError(
-            "to_tflite: the converted model's weight tensors must have power-of-two scales with zero point 0, "
+            "to_integer_tflite: the converted model's weight tensors must have power-of-two scales with zero point 0, "
             "but: " + "; ".join(bad) + ". Usually a BatchNormalization the converter folded into the weights "
             "(build the QAT model with quantize_model(fold_batchnorm=True) from a model whose BNs can be "
             "folded) or a kernel without a PO2 quantizer. Pass allow_float_scales=True to accept such scales."

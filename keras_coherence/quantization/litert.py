@@ -357,12 +357,12 @@ def litert_rounding(model, kernels="optimized"):
             runs) or ``"reference"`` (``OpResolverType.BUILTIN_REF``).
 
     Yields a dict: ``patched`` (layer names) and ``skipped`` (name: reason).
-    The quantizers should be frozen (``to_tflite`` freezes them) so that the exponents
+    The quantizers should be frozen (``to_integer_tflite`` freezes them) so that the exponents
     are the exported ones.
 
     Example::
 
-        tflite_model = to_tflite(qat_model)
+        tflite_model = to_integer_tflite(qat_model)
         with litert_rounding(qat_model):
             logits = qat_model.predict(x)   # == run_tflite(tflite_model, x)
     """

@@ -86,7 +86,7 @@ class PO2KernelQuantizer(TFMOTQuantizer):
             raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
         self.layout = layout
         self._fold = None
-        # ``(w_q, s)`` as numpy arrays while ``to_tflite`` traces the graph it converts.
+        # ``(w_q, s)`` as numpy arrays while ``to_integer_tflite`` traces the graph it converts.
         self._export = None
 
     def bind_fold(self, fold):
@@ -138,7 +138,7 @@ class PO2KernelQuantizer(TFMOTQuantizer):
         """``(w_q, s)``: the frozen quantizer's inference output for ``kernel`` (view
         layout) and its scale, as numpy arrays (eager).
 
-        ``to_tflite`` traces the model with these as constants: the converted graph is
+        ``to_integer_tflite`` traces the model with these as constants: the converted graph is
         ``fake_quant(const w_q, -127 s, 127 s)`` per kernel, which holds the values the
         frozen Keras graph computes, without the exponent search that graph also
         contains (the converter would constant-fold it, several times slower).
@@ -377,7 +377,7 @@ def load_model(filepath, compile=True, **kwargs):
     ``.keras``, HDF5 and SavedModel restore every variable (kernels, PO2 exponents,
     learned scales, second moments, activation ranges) and the same predictions.
     (Loaded without these custom objects, a SavedModel directory comes back as generic
-    revived layers without the PO2 quantizers, on which ``to_tflite`` and
+    revived layers without the PO2 quantizers, on which ``to_integer_tflite`` and
     ``integer_weights`` raise.)
     """
     with quantize_scope():
@@ -541,7 +541,7 @@ def quantize_model(model, bits=4, method="msqe", per_channel=True, fold_batchnor
         fold_batchnorm: fold Conv/DepthwiseConv + BN pairs first (needed for PO2
             scales in the TFLite file: the converter folds a remaining BN into the
             weight scales).
-        activation_bits: bits of tfmot's activation quantizers (``to_tflite`` needs 8).
+        activation_bits: bits of tfmot's activation quantizers (``to_integer_tflite`` needs 8).
         unsupported: ``"raise"`` (default) or ``"float"`` for layers tfmot cannot quantize.
         update_bn_statistics: folded layers update their moving statistics in training.
         quantizer_options: extra keyword arguments of the PO2 quantizer class.
@@ -551,7 +551,7 @@ def quantize_model(model, bits=4, method="msqe", per_channel=True, fold_batchnor
             ``folding.unfoldable_pairs`` lists; the converter folds it into the
             weight scales) and kernel layers without a PO2 quantizer (tfmot's 8-bit
             default, e.g. ``Conv1D``). Default ``False``: those raise ``ValueError``
-            naming the layers. Pass the same flag to ``to_tflite``.
+            naming the layers. Pass the same flag to ``to_integer_tflite``.
         calibration_data: optional input batch for ``calibrate_activations``.
             tfmot starts every activation range at [-6, 6] (the input's at [0, 0])
             and moves it by an EMA with decay 0.999, so without calibration a
