@@ -13,7 +13,9 @@ warnings.simplefilter("ignore")
 x, y = setup.random_data(36)
 # M3's 3 groups of a batch of 12 straddle the two replicas; percentile winsorization
 # runs across two processes in multiworker_check.py, through the same collectives.
-arms = ["winsorized:c=2", "m3:groups=3", "rm3"]
+# An activity regularizer's gradient differs between the replicas (it follows each one's
+# examples), unlike a weight regularizer's: the "/activity" arm has one.
+arms = ["winsorized:c=2", "m3:groups=3", "rm3", "winsorized:c=2/activity"]
 results = {}
 for label, strategy in setup.strategies():
     results[label] = {"replicas": strategy.num_replicas_in_sync}
@@ -22,6 +24,13 @@ for label, strategy in setup.strategies():
             if arm == "rm3":
                 model = setup.build((8, "relu"))
                 model.compile(kc.optimizers.RunningMedian(keras.optimizers.SGD(0.2)), setup.LOSS)
+            elif arm.endswith("/activity"):
+                keras.utils.set_random_seed(0)
+                inputs = keras.Input((6,))
+                h = keras.layers.Dense(8, activation="relu", activity_regularizer=keras.regularizers.L2(0.05))(inputs)
+                model = kc.aggregation.with_aggregator(keras.Model(inputs, keras.layers.Dense(3)(h)),
+                                                       arm.partition("/")[0])
+                model.compile(keras.optimizers.SGD(0.2), setup.LOSS)
             else:
                 model = kc.aggregation.with_aggregator(setup.build((8, "relu")), arm)
                 model.compile(keras.optimizers.SGD(0.2), setup.LOSS)

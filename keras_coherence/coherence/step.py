@@ -95,18 +95,26 @@ def traced_update(model, data, direction: Direction):
     if result.extra is not None:
         reg_grads = result.tape.gradient(result.extra, variables)
     chosen = direction(TracedBatch(x, result, variables))
-    # Each replica's regularization gradient is the same (mirrored weights; the loss is
-    # scaled by 1/replicas), so the replicas' sum is replicas x the local one: no
-    # collective for it.
     replicas = replicas_in_sync()
+    if replicas > 1:
+        reg_grads = _summed_over_replicas(model, reg_grads, replicas)
     grads = []
     for i, (g, rg) in enumerate(zip(chosen.data, reg_grads)):
         if rg is not None and i not in chosen.with_regularization:
-            if replicas > 1:
-                rg = replicas * rg
             g = rg if g is None else tf.convert_to_tensor(g) + rg
         grads.append(g)
     return chosen.logs, result.y_pred, list(zip(grads, variables))
+
+
+def _summed_over_replicas(model, reg_grads, replicas):
+    """The regularization gradients summed over the replicas. A weight regularizer's
+    gradient is the same on every replica (mirrored weights; the loss is scaled by
+    1/replicas), so the sum is replicas x the local one, with no collective; an activity
+    regularizer's depends on each replica's examples, so then they are all-reduced."""
+    if any(getattr(layer, "activity_regularizer", None) is not None for layer in model.submodules):
+        context = tf.distribute.get_replica_context()
+        return [None if g is None else context.all_reduce("sum", g) for g in reg_grads]
+    return [None if g is None else replicas * g for g in reg_grads]
 
 
 def traced_train_step(model, data, direction: Direction) -> Dict[str, tf.Tensor]:
