@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Dict, FrozenSet, List
 
+from keras_coherence._internals.keras_private import optimizer_built, variables_not_built_for
 from keras_coherence._keras import keras, loss_scaler, tf
 from keras_coherence.coherence.engine import BackwardResult, traced_backward
 from keras_coherence.coherence.registry import var_key
@@ -131,9 +132,9 @@ def traced_train_step(model, data, direction: Direction) -> Dict[str, tf.Tensor]
 def check_optimizer_owns(optimizer, variables, model_name):
     """A clear error, instead of Keras's bare KeyError, when ``optimizer`` was built for
     other variables: one optimizer instance compiled into two models."""
-    if not getattr(optimizer, "_built", False) or not hasattr(optimizer, "_index_dict"):
+    if not optimizer_built(optimizer):  # also LossScaleOptimizer and legacy optimizers: no slot index
         return
-    foreign = [v.name for v in variables if optimizer._var_key(v) not in optimizer._index_dict]
+    foreign = variables_not_built_for(optimizer, variables)
     if foreign:
         raise ValueError(
             f"The optimizer {optimizer.name!r} of model {model_name!r} was built for other variables "
