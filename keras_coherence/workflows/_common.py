@@ -69,6 +69,36 @@ def widths(value) -> tuple:
     return values
 
 
+class Choices:
+    """Choices read when they are checked (a builder or quantizer registered after this
+    module loaded is accepted): ``names()`` lists them for ``--help`` and errors,
+    ``accepts(name)`` (default: ``name in names()``) decides membership."""
+
+    def __init__(self, names: Callable[[], list], accepts: Optional[Callable[[str], bool]] = None):
+        self._names, self._accepts = names, accepts
+
+    def __iter__(self):
+        return iter(self._names())
+
+    def __contains__(self, name):
+        return self._accepts(name) if self._accepts is not None else name in self._names()
+
+
+def _float_models():
+    from keras_coherence.models import FLOAT_MODELS
+    return FLOAT_MODELS
+
+
+def _binary_models():
+    from keras_coherence.binary.models import BINARY_MODELS
+    return BINARY_MODELS
+
+
+#: The registered float / binary model builders (``models.register``, ``binary.models.register``).
+FLOAT_MODEL_CHOICES = Choices(lambda: list(_float_models()), lambda name: name in _float_models())
+BINARY_MODEL_CHOICES = Choices(lambda: list(_binary_models()), lambda name: name in _binary_models())
+
+
 def option(default=dataclasses.MISSING, help: str = "", *, check: Optional[Callable] = None, choices=None,
            metavar: Optional[str] = None, flag: Optional[str] = None, action: Optional[str] = None,
            required: bool = False):
@@ -175,11 +205,11 @@ def hidden_kwargs(config) -> Dict[str, Any]:
 
 
 def build_float_model(config, input_shape, num_classes, **kwargs):
-    """``models.build_model(config.model, ...)`` with ``hidden``; ConfigError if it does not fit."""
+    """``models.build_float_model(config.model, ...)`` with ``hidden``; ConfigError if it does not fit."""
     from keras_coherence import models
 
     try:
-        return models.build_model(config.model, input_shape, num_classes, **{**hidden_kwargs(config), **kwargs})
+        return models.build_float_model(config.model, input_shape, num_classes, **{**hidden_kwargs(config), **kwargs})
     except ValueError as err:
         raise ConfigError(f"--model {config.model}: {err}") from err
 
@@ -249,7 +279,7 @@ class TrainingOptions:
 
     dataset: str = dataset_field()
     data_dir: Optional[str] = data_dir_field()
-    model: str = option("mlp", "model architecture", choices=("mlp", "cnn"))
+    model: str = option("mlp", "model architecture (a registered float model builder)", choices=FLOAT_MODEL_CHOICES)
     hidden: Optional[Tuple[int, ...]] = hidden_field()
     epochs: int = epochs_field()
     batch_size: int = batch_size_field()

@@ -22,7 +22,6 @@ __all__ = ["Config", "keras_adam_state", "run"]
 
 HELP = ("train a binary network (standard or low-memory), export it for LCE inference and on-device training, "
         "and run a few on-device steps")
-MODELS = ("mlp", "cnv", "binarynet", "resnet_e18")
 METHODS = ("standard", "standard_device", "low_memory", "low_memory_po2")
 OPTIMIZERS = ("adam", "bop")
 
@@ -43,7 +42,7 @@ class Config:
                             "it by name)")
     max_train: Optional[int] = c.max_train_field(" (train_bnn caps the test split at N too)")
     model: str = c.option("mlp", "binary network; cnv and resnet_e18 need images of at least 32x32 (train_bnn "
-                          "does not pad)", choices=MODELS)
+                          "does not pad)", choices=c.BINARY_MODEL_CHOICES)
     hidden: Optional[Tuple[int, ...]] = c.hidden_field("256,256,256,256")
     method: str = c.option("low_memory", "'standard' (larq layers, float32 training) or the low-memory method "
                            "(float16 or PO2 activation gradients)", choices=METHODS)
@@ -91,11 +90,11 @@ def _bnn_data(config):
 def _bnn_model_kwargs(config, input_shape, num_classes):
     """The builder kwargs ``train_bnn`` gets; builds the model once so that a model that does
     not fit the data fails before training."""
-    from keras_coherence.binary.models import build_model
+    from keras_coherence.binary.models import build_binary_model
 
     kwargs = c.hidden_kwargs(config)
     try:
-        build_model(config.model, config.method, input_shape=input_shape, num_classes=num_classes, **kwargs)
+        build_binary_model(config.model, config.method, input_shape=input_shape, num_classes=num_classes, **kwargs)
     except ValueError as err:
         shape = "x".join(map(str, input_shape))
         hint = "" if config.model == "mlp" else (
@@ -292,7 +291,7 @@ def run(config: Config, out_dir: str, log: Callable[[str], None] = print) -> c.S
             adam = keras_adam_state(module, model.optimizer)
             if adam is not None:  # the device continues Keras's Adam where it stopped
                 module.assign({**module.weights(), **adam})
-            train_model = export_training.to_tflite(module)
+            train_model = export_training.to_training_tflite(module)
         except ValueError as err:
             export_error = str(err).strip().splitlines()[0]
             device = {"file": None, "error": str(err), "skipped": None}

@@ -42,13 +42,13 @@ class ModelConfig:
 
     def build(self):
         from keras_coherence._keras import keras
-        from keras_coherence.binary.models import build_model
+        from keras_coherence.binary.models import build_binary_model
 
         keras.utils.set_random_seed(self.seed)
         kwargs = {"hidden": self.hidden} if self.hidden else {}
         if self.dense_as_conv:
             kwargs["dense_as_conv"] = True
-        return build_model(self.model, self.method, **kwargs)
+        return build_binary_model(self.model, self.method, **kwargs)
 
 
 @dataclasses.dataclass
@@ -92,7 +92,7 @@ def _required(config, *names):
 
 def run_export(config: ExportConfig) -> c.Summary:
     """Training model + data files for ``python -m edge``."""
-    from keras_coherence.binary.export_training import TrainingModule, to_tflite
+    from keras_coherence.binary.export_training import TrainingModule, to_training_tflite
     from keras_coherence.binary.training import scale_inputs
     from keras_coherence.data import load_dataset
 
@@ -102,7 +102,7 @@ def run_export(config: ExportConfig) -> c.Summary:
     np.savez(os.path.join(config.out, "train.npz"), x=scale_inputs(x), y=y.astype(np.int32))
     np.savez(os.path.join(config.out, "test.npz"), x=scale_inputs(x_test), y=y_test.astype(np.int32))
     module = TrainingModule(config.build(), learning_rate=config.learning_rate, batch_size=config.fixed_batch)
-    flatbuffer = to_tflite(module)
+    flatbuffer = to_training_tflite(module)
     path = os.path.join(config.out, "train.tflite")
     with open(path, "wb") as f:
         f.write(flatbuffer)

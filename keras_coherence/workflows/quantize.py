@@ -15,31 +15,22 @@ from typing import Callable, Optional, Tuple
 
 from keras_coherence.workflows import _common as c
 
-__all__ = ["Config", "METHODS", "MODELS", "run"]
+__all__ = ["Config", "METHODS", "run"]
 
 HELP = "train in float, then quantization-aware with power-of-two weight scales; export integer TFLite"
-MODELS = ("mlp", "small_cnn", "mobilenet_v1", "mobilenet_v2")
 
 
-class _Methods:
-    """The ``method`` choices, read when they are checked: the registered quantizers'
-    short names (``quantizers.register``) and ``tfmot8``."""
+def _methods():
+    """The registered quantizers' short names (``quantizers.register``) and ``tfmot8``."""
+    from keras_coherence.quantization.quantizers import ALIASES, METHODS as registered
 
-    def _names(self):
-        from keras_coherence.quantization.quantizers import ALIASES, METHODS as registered
-
-        short = [m for m in registered if m not in ALIASES]
-        covered = {registered[m] for m in short}  # a quantizer with a short name is listed once
-        return short + [a for a in ALIASES if a not in covered] + ["tfmot8"]
-
-    def __iter__(self):
-        return iter(self._names())
-
-    def __contains__(self, name):
-        return name in self._names()
+    short = [m for m in registered if m not in ALIASES]
+    covered = {registered[m] for m in short}  # a quantizer with a short name is listed once
+    return short + [a for a in ALIASES if a not in covered] + ["tfmot8"]
 
 
-METHODS = _Methods()
+#: The ``method`` choices, read when checked.
+METHODS = c.Choices(_methods)
 
 
 @dataclasses.dataclass
@@ -60,7 +51,7 @@ class Config:
     seed: int = c.seed_field()
     quiet: bool = c.quiet_field()
     model: str = c.option("small_cnn", "model architecture; the MobileNets get the images zero-padded to 32x32x3",
-                          choices=MODELS)
+                          choices=c.FLOAT_MODEL_CHOICES)
     alpha: Optional[float] = c.option(None, "width multiplier of the MobileNets (default 0.25 for v1, 0.35 for v2)",
                                       check=c.positive_float)
     method: str = c.option("msqe", "PO2 weight quantizer: 'msqe_baseline' (QKeras auto_po2), 'msqe' (MSQE with "
