@@ -97,7 +97,8 @@ class Registry(MutableMapping):
             if key in self and not replace:
                 existing = self[key]
                 if existing is not value and existing != value:
-                    raise ValueError(self._taken.format(kind=self.kind, key=key, key_name=_describe(key),
+                    key_name = key if isinstance(key, str) else _describe(key)  # a type or a dotted type name
+                    raise ValueError(self._taken.format(kind=self.kind, key=key, key_name=key_name,
                                                         existing=_describe(existing), new=_describe(value)))
 
     def add(self, value, *names, aliases=(), replace: bool = False):

@@ -64,7 +64,9 @@ class NotSupported(Exception):
 
 
 class LayerRule:
-    """Base class of per-layer-type rules. Subclasses set ``layer_types``."""
+    """Base class of per-layer-type rules. Subclasses set ``layer_types``: classes, or the
+    dotted name of a class (``"larq.layers.QuantDense"``) for a layer from a package
+    that should load only when a model uses it."""
 
     layer_types: Tuple[type, ...] = ()
 
@@ -110,7 +112,7 @@ def rule_for(layer) -> Tuple[Optional[LayerRule], str]:
     rule does not know about, so it takes the fallback (never a wrong number).
     """
     for klass in type(layer).__mro__:
-        rule = RULES.get(klass)
+        rule = RULES.get(klass) or RULES.get(f"{klass.__module__}.{klass.__qualname__}")
         if rule is None:
             continue
         if klass is not type(layer) and type(layer).call is not klass.call:

@@ -3,25 +3,16 @@ diagonal of its Jacobian (the straight-through-estimator multiplier)."""
 from keras_coherence._keras import tf
 from keras_coherence.coherence.registry import NotSupported
 
-try:  # larq is a dependency, but keep the rules importable without it
-    import larq as lq
-
-    _ELEMENTWISE = (
-        lq.quantizers.SteSign,
-        lq.quantizers.ApproxSign,
-        lq.quantizers.SwishSign,
-        lq.quantizers.SteHeaviside,
-        lq.quantizers.DoReFa,
-        lq.quantizers.MagnitudeAwareSign,
-        lq.quantizers.NoOp,
-    )
-except ImportError:  # pragma: no cover
-    _ELEMENTWISE = ()
+_ELEMENTWISE_NAMES = ("SteSign", "ApproxSign", "SwishSign", "SteHeaviside", "DoReFa", "MagnitudeAwareSign", "NoOp")
 
 
 def check_quantizer(layer, attr: str) -> None:
     quantizer = getattr(layer, attr, None)
-    if quantizer is not None and not isinstance(quantizer, _ELEMENTWISE):
+    if quantizer is None:
+        return
+    import larq as lq  # a quantizer is set: larq is loaded already
+
+    if not isinstance(quantizer, tuple(getattr(lq.quantizers, name) for name in _ELEMENTWISE_NAMES)):
         raise NotSupported(
             f"{attr}={type(quantizer).__name__} is not a known element-wise quantizer"
         )

@@ -14,15 +14,9 @@ from keras_coherence.coherence.registry import (
 )
 from keras_coherence.coherence.rules import _quantized
 
-_CONV = [keras.layers.Conv1D, keras.layers.Conv2D]
-_DEPTHWISE = [keras.layers.DepthwiseConv2D]
-try:
-    import larq as lq
-
-    _CONV += [lq.layers.QuantConv1D, lq.layers.QuantConv2D]
-    _DEPTHWISE += [lq.layers.QuantDepthwiseConv2D]
-except ImportError:  # pragma: no cover
-    pass
+# larq's layers by name: larq loads only when a model has one (registry.rule_for)
+_CONV = [keras.layers.Conv1D, keras.layers.Conv2D, "larq.layers.QuantConv1D", "larq.layers.QuantConv2D"]
+_DEPTHWISE = [keras.layers.DepthwiseConv2D, "larq.layers.QuantDepthwiseConv2D"]
 
 
 def _same_pads(size, kernel, stride, dilation):

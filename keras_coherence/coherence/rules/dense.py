@@ -6,13 +6,7 @@ from keras_coherence.coherence.registry import (
 )
 from keras_coherence.coherence.rules import _quantized
 
-_TYPES = [keras.layers.Dense]
-try:
-    import larq as lq
-
-    _TYPES.append(lq.layers.QuantDense)
-except ImportError:  # pragma: no cover
-    pass
+_TYPES = [keras.layers.Dense, "larq.layers.QuantDense"]  # larq by name: loaded only when used
 
 
 def positions_matmul_grads(a3, dz3, ste=None):
