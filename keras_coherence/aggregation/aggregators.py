@@ -23,10 +23,7 @@ import numpy as np
 
 from keras_coherence._keras import tf
 from keras_coherence._registry import Registry, lowercase_name
-
-
-def _in_replica_context():
-    return tf.distribute.has_strategy() and tf.distribute.in_cross_replica_context() is False
+from keras_coherence.coherence.step import in_replica_context as _in_replica_context
 
 
 def integer_arg(value, owner, name, minimum):

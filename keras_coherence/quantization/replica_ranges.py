@@ -16,10 +16,11 @@ op unchanged. Installed when ``keras_coherence.quantization.qat`` is imported.
 """
 from keras_coherence._internals import tfmot_private
 from keras_coherence._keras import tf
+from keras_coherence.coherence.step import in_replica_context
 
 
 def _replicas():
-    if not tf.distribute.has_strategy() or tf.distribute.in_cross_replica_context():
+    if not in_replica_context():
         return None
     ctx = tf.distribute.get_replica_context()
     return ctx if ctx.num_replicas_in_sync > 1 else None
