@@ -8,11 +8,12 @@ from keras_coherence.coherence import CoherenceModel, with_coherence
 from reference import coherence_reference
 
 
-def _model(seed, bn=False, reg=False):
+def _model(seed, bn=False, reg=False, activity=False):
     keras.utils.set_random_seed(seed)
     inp = keras.Input((6,))
     h = keras.layers.Dense(8, activation="relu",
-                           kernel_regularizer=keras.regularizers.l2(0.01) if reg else None)(inp)
+                           kernel_regularizer=keras.regularizers.l2(0.01) if reg else None,
+                           activity_regularizer=keras.regularizers.l2(0.05) if activity else None)(inp)
     if bn:
         h = keras.layers.BatchNormalization()(h)
     h = keras.layers.Dense(5, activation="tanh")(h)
@@ -36,12 +37,13 @@ def test_logged_m_coherence_is_the_batch_value_before_the_step():
     np.testing.assert_allclose(hist.history["alpha"][0], ref_mc / 24, rtol=1e-4)
 
 
-@pytest.mark.parametrize("bn, reg, weights", [(False, False, False), (True, True, True)])
-def test_update_equals_plain_keras_step(bn, reg, weights):
+@pytest.mark.parametrize("bn, reg, weights, activity", [(False, False, False, False), (True, True, True, False),
+                                                        (False, True, False, True)])
+def test_update_equals_plain_keras_step(bn, reg, weights, activity):
     x, y = _data(32)
     sw = np.random.default_rng(1).uniform(0.2, 2.0, 32).astype("float32") if weights else None
-    plain = _model(3, bn, reg)
-    coh = with_coherence(_model(3, bn, reg), per_layer=True)
+    plain = _model(3, bn, reg, activity)
+    coh = with_coherence(_model(3, bn, reg, activity), per_layer=True)
     for m in (plain, coh):
         m.compile(keras.optimizers.SGD(0.05, momentum=0.9),
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
@@ -106,3 +108,18 @@ def test_monitor_always_measures_the_final_step():
     monitor = kc.callbacks.CoherenceMonitor(x[:8], y[:8], every_n_steps=2)
     model.fit(x, y, batch_size=10, epochs=1, callbacks=[monitor], verbose=0)  # 3 steps
     assert [r["step"] for r in monitor.history] == [0, 2, 3]
+
+
+def test_mean_aggregator_update_equals_plain_keras_with_every_kind_of_regularizer():
+    """The aggregated step with the mean is plain SGD: the data gradient (an activity
+    regularizer's term included, through the layer outputs) plus the weight regularizers'
+    gradient, each counted once."""
+    x, y = _data(32)
+    plain = _model(4, reg=True, activity=True)
+    agg = kc.aggregation.with_aggregator(_model(4, reg=True, activity=True), "mean")
+    for m in (plain, agg):
+        m.compile(keras.optimizers.SGD(0.1), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    plain.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+    agg.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+    for a, b in zip(plain.get_weights(), agg.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)

@@ -56,6 +56,21 @@ def clear_losses(model):
         model._clear_losses()
 
 
+def variable_losses(model):
+    """The losses of ``model`` that are functions of its variables alone: weight
+    regularizers and ``add_loss(callable)``, which Keras keeps as callables
+    (``Layer._callable_losses``) and evaluates on each read of ``model.losses``. Not the
+    losses a call adds from the tensors it sees (activity regularizers), which depend on
+    the layers' outputs and so reach the gradients through them."""
+    losses = []
+    for layer in all_layers(model):
+        for fn in layer._callable_losses:
+            value = fn()
+            if value is not None:
+                losses.append(value)
+    return losses
+
+
 def all_layers(model):
     """``model`` and every layer in it, nested layers and models included, depth first."""
     return list(model._flatten_layers(include_self=True, recursive=True))

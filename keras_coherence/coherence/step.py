@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Dict, FrozenSet, List
 
-from keras_coherence._internals.keras_private import optimizer_built, variables_not_built_for
+from keras_coherence._internals.keras_private import optimizer_built, variable_losses, variables_not_built_for
 from keras_coherence._keras import keras, loss_scaler, tf
 from keras_coherence.coherence.engine import BackwardResult, traced_backward
 from keras_coherence.coherence.registry import var_key
@@ -32,12 +32,17 @@ def replicas_in_sync() -> int:
 
 
 def regularization_loss(model):
-    """The sum of ``model.losses``, scaled as Keras's compiled loss scales it: divided by
-    the replicas in sync, since an update sums the replicas' gradients; None when the
-    model has no such losses."""
-    if not model.losses:
+    """The sum of the model's weight regularizers (``keras_private.variable_losses``),
+    scaled as Keras's compiled loss scales it: divided by the replicas in sync, since an
+    update sums the replicas' gradients; None when there are none.
+
+    The losses a call adds from its tensors (activity regularizers) are not here: they are
+    in the compiled loss the engine differentiates, and reach every weight through the
+    layer outputs, per example, like the data loss."""
+    losses = variable_losses(model)
+    if not losses:
         return None
-    loss = tf.add_n(model.losses)
+    loss = tf.add_n(losses)
     replicas = tf.distribute.get_strategy().num_replicas_in_sync
     if replicas > 1:
         loss *= 1.0 / replicas
@@ -97,25 +102,14 @@ def traced_update(model, data, direction: Direction):
         reg_grads = result.tape.gradient(result.extra, variables)
     chosen = direction(TracedBatch(x, result, variables))
     replicas = replicas_in_sync()
-    if replicas > 1:
-        reg_grads = _summed_over_replicas(model, reg_grads, replicas)
+    if replicas > 1:  # a weight regularizer's gradient is the same on every replica (mirrored weights)
+        reg_grads = [None if g is None else replicas * g for g in reg_grads]
     grads = []
     for i, (g, rg) in enumerate(zip(chosen.data, reg_grads)):
         if rg is not None and i not in chosen.with_regularization:
             g = rg if g is None else tf.convert_to_tensor(g) + rg
         grads.append(g)
     return chosen.logs, result.y_pred, list(zip(grads, variables))
-
-
-def _summed_over_replicas(model, reg_grads, replicas):
-    """The regularization gradients summed over the replicas. A weight regularizer's
-    gradient is the same on every replica (mirrored weights; the loss is scaled by
-    1/replicas), so the sum is replicas x the local one, with no collective; an activity
-    regularizer's depends on each replica's examples, so then they are all-reduced."""
-    if any(getattr(layer, "activity_regularizer", None) is not None for layer in model.submodules):
-        context = tf.distribute.get_replica_context()
-        return [None if g is None else context.all_reduce("sum", g) for g in reg_grads]
-    return [None if g is None else replicas * g for g in reg_grads]
 
 
 def traced_train_step(model, data, direction: Direction) -> Dict[str, tf.Tensor]:
