@@ -214,6 +214,24 @@ def build_float_model(config, input_shape, num_classes, **kwargs):
         raise ConfigError(f"--model {config.model}: {err}") from err
 
 
+def sgd_run_text(config, model, n: int, steps: int) -> str:
+    """``"mlp (669,706 parameters) on embedded_mnist, 4000 training examples; SGD lr 0.1,
+    batch 50, 5 epochs = 400 steps"`` (the label noise too, when there is some)."""
+    return (f"{config.model} ({model.count_params():,} parameters) on {config.dataset}, {n} training "
+            f"examples{noise_note(config)}; SGD lr {config.lr}, batch {config.batch_size}, "
+            f"{epochs_text(config.epochs)} = {steps} steps")
+
+
+def fit_seconds(model, x, y, config, callback) -> float:
+    """Seconds of ``model.fit`` on ``x, y`` for ``config.epochs`` with ``callback``."""
+    import time
+
+    start = time.perf_counter()
+    model.fit(x, y, batch_size=config.batch_size, epochs=config.epochs, shuffle=True, callbacks=[callback],
+              verbose=0 if config.quiet else 1)
+    return time.perf_counter() - start
+
+
 def epochs_text(n: int) -> str:
     """``"1 epoch"`` / ``"3 epochs"``."""
     return f"{n} epoch{'s' if n != 1 else ''}"

@@ -90,13 +90,9 @@ def run(config: Config, out_dir: str, log: Callable[[str], None] = print) -> c.S
     tracker = SubsetAccuracy(subsets, add_to_logs=not config.quiet)
 
     steps_per_epoch = math.ceil(n / config.batch_size)
-    log(f"aggregate: {arm.label} ({arm.spec}); {config.model} ({model.count_params():,} parameters) on "
-        f"{config.dataset}, {n} training examples{c.noise_note(config)}; SGD lr {config.lr}, batch "
-        f"{config.batch_size}, {c.epochs_text(config.epochs)} = {steps_per_epoch * config.epochs} steps")
-    train_start = time.perf_counter()
-    model.fit(x_train, y_fit, batch_size=config.batch_size, epochs=config.epochs, shuffle=True,
-              callbacks=[tracker], verbose=0 if config.quiet else 1)
-    train_seconds = time.perf_counter() - train_start
+    log(f"aggregate: {arm.label} ({arm.spec}); "
+        + c.sgd_run_text(config, model, n, steps_per_epoch * config.epochs))
+    train_seconds = c.fit_seconds(model, x_train, y_fit, config, tracker)
 
     rows = tracker.rows
     os.makedirs(out_dir, exist_ok=True)

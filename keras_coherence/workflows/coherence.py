@@ -73,14 +73,9 @@ def run(config: Config, out_dir: str, log: Callable[[str], None] = print) -> c.S
         os.remove(csv_path)
     monitor = CoherenceMonitor(x_probe, y_probe, every_n_steps=every, per_layer=config.per_layer,
                                csv_path=csv_path, log_dir=config.log_dir)
-    log(f"coherence: {config.model} ({model.count_params():,} parameters) on {config.dataset}, "
-        f"{n} training examples{c.noise_note(config)}; SGD lr {config.lr}, batch {config.batch_size}, "
-        f"{c.epochs_text(config.epochs)} = {total_steps} steps; m-coherence of a {probe_size}-example "
+    log(f"coherence: {c.sgd_run_text(config, model, n, total_steps)}; m-coherence of a {probe_size}-example "
         f"probe every {every} steps")
-    train_start = time.perf_counter()
-    model.fit(x_train, y_fit, batch_size=config.batch_size, epochs=config.epochs, shuffle=True,
-              callbacks=[monitor], verbose=0 if config.quiet else 1)
-    train_seconds = time.perf_counter() - train_start
+    train_seconds = c.fit_seconds(model, x_train, y_fit, config, monitor)
 
     rows = monitor.history
     _, train_acc = model.evaluate(x_train, y_fit, batch_size=1024, verbose=0)
