@@ -80,3 +80,17 @@ def test_every_extension_point_uses_the_one_registry():
     for table in (RULES, AGGREGATORS, quantizers.ALIASES, quantizers.METHODS, models.FLOAT_MODELS,
                   bm.BINARY_MODELS):
         assert isinstance(table, Registry)
+
+
+def test_a_registered_float_builder_is_a_command_line_model(toys, tmp_path):
+    """The command line reads its --model choices from the registry when it checks them."""
+    import json
+
+    from keras_coherence import cli
+
+    out = tmp_path / "run"
+    assert cli.main(["coherence", "--model", "toy_mlp", "--max-train", "64", "--epochs", "1", "--batch-size", "32",
+                     "--probe-size", "8", "--quiet", "--no-per-layer", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    # 784 inputs -> 4 -> 10: the toy's default width, on the embedded MNIST
+    assert summary["model"] == {"name": "toy_mlp", "parameters": (784 * 4 + 4) + (4 * 10 + 10)}
