@@ -148,10 +148,15 @@ def classification_accuracy(model: keras.Model, x, y, batch_size: int = 1000, _f
     empty)."""
     if len(x) == 0:
         return float("nan")
-    fn = _fn or _predict_classes_fn(model)
-    pred = np.concatenate([fn(tf.constant(x[i:i + batch_size])).numpy()
-                           for i in range(0, len(x), batch_size)])
+    pred = _predicted_classes(_fn or _predict_classes_fn(model), x, batch_size)
     return float(np.mean(pred == np.asarray(y).reshape(-1)))
+
+
+def _predicted_classes(fn, x, batch_size):
+    """``fn`` (a :func:`_predict_classes_fn`) over ``x`` in batches; empty for no examples."""
+    if len(x) == 0:
+        return np.zeros(0, np.int64)
+    return np.concatenate([fn(tf.constant(x[i:i + batch_size])).numpy() for i in range(0, len(x), batch_size)])
 
 
 class SubsetAccuracy(keras.callbacks.Callback):
@@ -193,9 +198,7 @@ class SubsetAccuracy(keras.callbacks.Callback):
         for name, (x, y) in self.subsets.items():
             key = id(x)
             if key not in predictions:
-                predictions[key] = (np.concatenate([
-                    self._fn(tf.constant(x[i:i + self.batch_size])).numpy()
-                    for i in range(0, len(x), self.batch_size)]) if len(x) else np.zeros(0, np.int64))
+                predictions[key] = _predicted_classes(self._fn, x, self.batch_size)
             pred = predictions[key]
             row[f"{name}_accuracy"] = float(np.mean(pred == np.asarray(y).reshape(-1))) if len(x) else float("nan")
         for key, values in self._batch_logs.items():
